@@ -1,0 +1,1 @@
+"""Artifacts: their manifests, the content-addressed store that holds them, and lineage."""

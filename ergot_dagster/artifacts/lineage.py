@@ -1,0 +1,94 @@
+"""Walking an artifact's parents down to the ingested source files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ergot_dagster.artifacts.store import ArtifactStore
+from ergot_dagster.errors import StoreError
+from ergot_dagster.refs import ref_to_partition_key
+from ergot_dagster.sources.record import SourceRecord
+
+MAX_DEPTH = 64
+
+
+class LineageNode(BaseModel):
+    """One step of an artifact's ancestry."""
+
+    kind: Literal["artifact", "source"]
+    ref: str
+    sha256: str
+    input: str | None = None
+    media_type: str | None = None
+    workflow: str | None = None
+    run_id: str | None = None
+    uri: str | None = None
+    status: str = Field(
+        default="ok",
+        description="for sources: `current` (the newest ingest), `superseded` (re-ingested "
+        "since with other bytes) or `unknown`; for artifacts: `ok` or `missing`",
+    )
+    parents: list[LineageNode] = Field(default_factory=list)
+
+
+def walk(
+    ref: str,
+    store: ArtifactStore,
+    source_lookup: Callable[[str], SourceRecord | None],
+    *,
+    sha256: str | None = None,
+    input_name: str | None = None,
+    depth: int = 0,
+) -> LineageNode:
+    """The lineage tree of artifact `ref`. Raises `StoreError` if the artifact itself is unknown."""
+    if depth > MAX_DEPTH:
+        raise StoreError(f"lineage of {ref} is deeper than {MAX_DEPTH} steps")
+    try:
+        manifest = store.get_manifest(ref)
+    except StoreError:
+        if depth == 0:
+            raise
+        return LineageNode(kind="artifact", ref=ref, sha256=sha256 or "", input=input_name,
+                           status="missing")
+    node = LineageNode(
+        kind="artifact", ref=ref, sha256=manifest.sha256, input=input_name,
+        media_type=manifest.media_type, workflow=manifest.workflow, run_id=manifest.run_id,
+        uri=manifest.uri,
+    )
+    for parent in manifest.parents:
+        if parent.kind == "artifact":
+            node.parents.append(walk(parent.ref, store, source_lookup, sha256=parent.sha256,
+                                     input_name=parent.input, depth=depth + 1))
+            continue
+        record = source_lookup(ref_to_partition_key(parent.ref))
+        if record is None:
+            status = "unknown"
+        elif record.sha256 == parent.sha256:
+            status = "current"
+        else:
+            status = "superseded"
+        node.parents.append(LineageNode(
+            kind="source", ref=parent.ref, sha256=parent.sha256, input=parent.input,
+            media_type=record.media_type if record else None,
+            uri=record.uri if record and status == "current" else None, status=status,
+        ))
+    return node
+
+
+def render(node: LineageNode, depth: int = 0) -> list[str]:
+    """Human-readable lines, one per step, indented by depth."""
+    prefix = "    " * depth + ("<- " if depth else "")
+    if node.kind == "artifact" and node.status == "ok":
+        line = f"{prefix}{node.ref}  {node.media_type}  sha256 {node.sha256}  ({node.workflow})"
+    elif node.kind == "artifact":
+        line = f"{prefix}{node.ref}  sha256 {node.sha256}  [{node.status}]"
+    else:
+        line = (f"{prefix}source {node.ref}  {node.media_type or ''}  sha256 {node.sha256}  "
+                f"[{node.status}]")
+    lines = [line]
+    for parent in node.parents:
+        lines += render(parent, depth + 1)
+    return lines

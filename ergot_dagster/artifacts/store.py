@@ -1,0 +1,233 @@
+"""The artifact store: immutable, content-addressed bytes plus one manifest per artifact.
+
+Layout under the store root:
+
+    blobs/sha256/<first two hex digits>/<sha256><extension>   the bytes, read-only
+    manifests/<run id>/<artifact name>.json                   one manifest per artifact
+    tmp/                                                      staging, same filesystem as blobs
+
+Bytes are written to `tmp/`, flushed, and linked into place; a link never replaces an existing file,
+so nothing is ever overwritten and nothing half-written is ever visible under `blobs/` or
+`manifests/`. A manifest is written only after its bytes are in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, unquote, urlparse
+
+from pydantic import BaseModel
+
+from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.errors import StoreError
+from ergot_dagster.media.hashing import CHUNK
+from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
+
+_EXTENSIONS = {
+    "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "application/json": ".json",
+    "video/mp4": ".mp4", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
+    "audio/wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "audio/mp4": ".m4a",
+    "text/plain": ".txt", "text/vtt": ".vtt", "application/x-subrip": ".srt",
+}
+
+
+class StoredBlob(BaseModel):
+    """Where a blob landed and what it is."""
+
+    sha256: str
+    size: int
+    uri: str
+
+
+def extension_for(media_type: str) -> str:
+    return _EXTENSIONS.get(media_type, "")
+
+
+class ArtifactStore(ABC):
+    """What every artifact store offers; the local directory and object storage both implement it."""
+
+    @abstractmethod
+    def put_blob(self, path: Path, media_type: str) -> StoredBlob:
+        """Store the file at `path` by content and return where it is. Idempotent."""
+
+    @abstractmethod
+    def put_manifest(self, manifest: ArtifactManifest) -> None:
+        """Record `manifest`. Refuses to replace an existing manifest with different content."""
+
+    @abstractmethod
+    def get_manifest(self, ref: str) -> ArtifactManifest:
+        """The manifest of artifact `ref`; `StoreError` if there is none."""
+
+    @abstractmethod
+    def manifest_uri(self, ref: str) -> str:
+        """Where the manifest of `ref` is (or will be) stored."""
+
+    @abstractmethod
+    def list_run(self, run_id: str) -> list[ArtifactManifest]:
+        """Every manifest written by run `run_id`, by artifact name."""
+
+    @abstractmethod
+    def local_path(self, uri: str) -> Path:
+        """A local path holding the bytes at `uri` (fetched first if the store is remote)."""
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def scratch_dir(self, label: str) -> Iterator[Path]:
+        """A private directory for a runtime's outputs, removed afterwards whatever happens."""
+
+
+class LocalArtifactStore(ArtifactStore):
+    """An artifact store in a local (or mounted) directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        for sub in ("blobs/sha256", "manifests", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str, media_type: str) -> Path:
+        return self.root / "blobs" / "sha256" / sha256[:2] / f"{sha256}{extension_for(media_type)}"
+
+    def _uri(self, path: Path) -> str:
+        return "file://" + quote(str(path))
+
+    def put_blob(self, path: Path, media_type: str) -> StoredBlob:
+        staged = self.root / "tmp" / f"blob-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as src, open(staged, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            sha256 = digest.hexdigest()
+            final = self.blob_path(sha256, media_type)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(staged, 0o444)
+            _link_no_replace(staged, final)
+        finally:
+            staged.unlink(missing_ok=True)
+        if final.stat().st_size != size:
+            raise StoreError(f"blob {final.name} exists with a different size; the store is corrupt")
+        return StoredBlob(sha256=sha256, size=size, uri=self._uri(final))
+
+    def local_path(self, uri: str) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            raise StoreError(f"{uri!r} is not in this store")
+        path = Path(unquote(parsed.path))
+        blobs = (self.root / "blobs").resolve()
+        if not path.resolve().is_relative_to(blobs):
+            raise StoreError(f"{uri!r} is outside the artifact store")
+        if not path.exists():
+            raise StoreError(f"{uri!r} is missing from the artifact store")
+        return path
+
+    # -- manifests -------------------------------------------------------------------------
+
+    def _manifest_path(self, ref: str) -> Path:
+        try:
+            run_id, name = parse_artifact_ref(ref)
+        except InvalidRefError as exc:
+            raise StoreError(str(exc)) from exc
+        return self.root / "manifests" / run_id / f"{name}.json"
+
+    def put_manifest(self, manifest: ArtifactManifest) -> None:
+        final = self._manifest_path(manifest.ref)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        body = manifest.model_dump_json(indent=2).encode()
+        staged = self.root / "tmp" / f"manifest-{uuid.uuid4().hex}"
+        try:
+            with open(staged, "wb") as dst:
+                dst.write(body)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.chmod(staged, 0o444)
+            try:
+                _link_no_replace(staged, final, exist_ok=False)
+            except FileExistsError:
+                existing = ArtifactManifest.model_validate_json(final.read_bytes())
+                if existing != manifest:
+                    raise StoreError(
+                        f"artifact {manifest.ref} already exists with different content; "
+                        "artifacts are immutable"
+                    ) from None
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def manifest_uri(self, ref: str) -> str:
+        return self._uri(self._manifest_path(ref))
+
+    def get_manifest(self, ref: str) -> ArtifactManifest:
+        path = self._manifest_path(ref)
+        if not path.exists():
+            raise StoreError(f"no artifact {ref} in the store at {self.root}")
+        return ArtifactManifest.model_validate_json(path.read_bytes())
+
+    def list_run(self, run_id: str) -> list[ArtifactManifest]:
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise StoreError(f"{run_id!r} is not a run id")
+        folder = self.root / "manifests" / run_id
+        if not folder.is_dir():
+            return []
+        return [
+            ArtifactManifest.model_validate_json(p.read_bytes()) for p in sorted(folder.glob("*.json"))
+        ]
+
+    # -- scratch ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def scratch_dir(self, label: str) -> Iterator[Path]:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:80]
+        path = self.root / "tmp" / f"work-{safe}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_no_replace(staged: Path, final: Path, *, exist_ok: bool = True) -> None:
+    """Make `staged` visible at `final` atomically, never replacing what is there."""
+    try:
+        os.link(staged, final)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+            raise
+        # A filesystem without hard links. A rename is still atomic; the check before it leaves a
+        # window only between two writers of the same name, which for blobs hold the same bytes
+        # and for manifests belong to the same run.
+        if final.exists():
+            if not exist_ok:
+                raise FileExistsError(final) from exc
+            return
+        os.rename(staged, final)
+
+
+def manifest_json(manifest: ArtifactManifest) -> dict:
+    return json.loads(manifest.model_dump_json())
+
+
+def open_store(location: str) -> ArtifactStore:
+    """The store at `location`: a local directory (object storage comes with remote execution)."""
+    if location.startswith("s3://"):
+        raise StoreError("object storage (s3://) is not supported yet; use a local directory")
+    if location.startswith("file://"):
+        location = unquote(urlparse(location).path)
+    return LocalArtifactStore(Path(location))

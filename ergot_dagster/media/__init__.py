@@ -1,0 +1,1 @@
+"""Media helpers shared by ingest and the runtimes: subprocesses, probing, hashing, media types."""
