@@ -1,0 +1,157 @@
+"""Binding a run's inputs: the primary source (the partition) and any other named inputs.
+
+Every input is checked before work starts: the source must have been ingested and be unchanged
+since, the media must be of a type the workflow accepts, and artifact inputs must exist in the
+store. Each input brings the parent refs that lineage records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef
+from ergot_dagster.artifacts.metadata import manifest_from_metadata
+from ergot_dagster.artifacts.store import ArtifactStore
+from ergot_dagster.errors import RequestError, SourceError, StoreError
+from ergot_dagster.media.probe import media_type_matches
+from ergot_dagster.refs import (
+    InvalidRefError,
+    is_artifact_ref,
+    ref_to_partition_key,
+    resolve_under_root,
+)
+from ergot_dagster.resources.runtime import StageFile
+from ergot_dagster.sources.record import latest_source_record
+from ergot_dagster.workflows.execute import WorkflowInput
+from ergot_dagster.workflows.model import InputSpec, WorkflowDefinition
+
+
+def _check_type(definition: WorkflowDefinition, name: str, spec: InputSpec, ref: str,
+                media_type: str) -> None:
+    if not media_type_matches(media_type, spec.media_types):
+        raise SourceError(
+            f"input {name!r} ({ref}) is {media_type}; {definition.spec} accepts "
+            f"{', '.join(spec.media_types)}"
+        )
+
+
+def source_input(
+    *,
+    instance: DagsterInstance,
+    definition: WorkflowDefinition,
+    name: str,
+    ref: str,
+) -> WorkflowInput:
+    """Bind input `name` to the ingested source `ref`."""
+    try:
+        key = ref_to_partition_key(ref)
+    except InvalidRefError as exc:
+        raise SourceError(str(exc)) from exc
+    record = latest_source_record(instance, key)
+    if record is None:
+        raise SourceError(
+            f"source {ref!r} has not been ingested; run `ergot ingest` on it or wait for the "
+            "ingest sensor"
+        )
+    _check_type(definition, name, definition.inputs[name], ref, record.media_type)
+    # The file is read from the root it was ingested under, and must still lie inside it.
+    try:
+        path = resolve_under_root(Path(record.root), ref)
+    except (InvalidRefError, FileNotFoundError) as exc:
+        raise SourceError(f"source {ref!r}: {exc}") from exc
+    stat = path.stat()
+    if stat.st_size != record.size or stat.st_mtime_ns != record.mtime_ns:
+        raise SourceError(
+            f"source {ref!r} has changed since it was ingested (sha256 {record.sha256[:12]}); "
+            "ingest it again before processing it"
+        )
+    return WorkflowInput(
+        name=name,
+        files=StageFile(path=path, media_type=record.media_type, probe=record.probe),
+        parents=[ParentRef(kind="source", ref=ref, sha256=record.sha256, input=name)],
+    )
+
+
+def artifact_input(
+    *, store: ArtifactStore, definition: WorkflowDefinition, name: str, manifest: ArtifactManifest
+) -> WorkflowInput:
+    """Bind input `name` to a stored artifact."""
+    _check_type(definition, name, definition.inputs[name], manifest.ref, manifest.media_type)
+    files: StageFile | list[StageFile]
+    if manifest.kind == "set":
+        files = [
+            StageFile(path=store.local_path(m.uri), media_type=m.media_type)
+            for m in manifest.members
+        ]
+    else:
+        files = StageFile(path=store.local_path(manifest.uri), media_type=manifest.media_type)
+    return WorkflowInput(
+        name=name,
+        files=files,
+        parents=[ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256, input=name)],
+    )
+
+
+def _latest_asset_manifest(
+    instance: DagsterInstance, asset: str, partition_key: str
+) -> ArtifactManifest | None:
+    result = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset.split("/")), asset_partitions=[partition_key]),
+        limit=1,
+    )
+    if not result.records or result.records[0].asset_materialization is None:
+        return None
+    return manifest_from_metadata(dict(result.records[0].asset_materialization.metadata))
+
+
+def bind_inputs(
+    *,
+    instance: DagsterInstance,
+    store: ArtifactStore,
+    definition: WorkflowDefinition,
+    source_ref: str,
+    partition_key: str,
+    given: dict[str, str],
+) -> dict[str, WorkflowInput]:
+    """Bind every input of `definition` for one run; raise naming the input that cannot be bound."""
+    unknown = sorted(set(given) - set(definition.inputs))
+    if unknown:
+        raise RequestError(
+            f"{definition.spec} has no input(s) {', '.join(unknown)}; its inputs are "
+            f"{', '.join(definition.inputs)}"
+        )
+    bound: dict[str, WorkflowInput] = {}
+    for name, spec in definition.inputs.items():
+        if spec.primary:
+            if name in given and given[name] != source_ref:
+                raise RequestError(
+                    f"input {name!r} is the primary source; it is the partition ({source_ref!r})"
+                )
+            bound[name] = source_input(instance=instance, definition=definition, name=name, ref=source_ref)
+            continue
+        ref = given.get(name)
+        if ref is not None:
+            if is_artifact_ref(ref):
+                try:
+                    manifest = store.get_manifest(ref)
+                except StoreError as exc:
+                    raise RequestError(f"input {name!r}: {exc}") from exc
+                bound[name] = artifact_input(store=store, definition=definition, name=name,
+                                             manifest=manifest)
+            else:
+                bound[name] = source_input(instance=instance, definition=definition, name=name, ref=ref)
+        elif spec.asset:
+            manifest = _latest_asset_manifest(instance, spec.asset, partition_key)
+            if manifest is not None:
+                bound[name] = artifact_input(store=store, definition=definition, name=name,
+                                             manifest=manifest)
+            elif spec.required:
+                raise SourceError(
+                    f"input {name!r} needs {spec.asset} for {source_ref!r}, which has not been "
+                    "materialized yet"
+                )
+        elif spec.required:
+            raise RequestError(f"{definition.spec} needs input {name!r} and the request gave none")
+    return bound

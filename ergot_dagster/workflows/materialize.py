@@ -1,0 +1,148 @@
+"""The body of every workflow multi-asset: one run of one version of one workflow.
+
+It validates the request (version, settings, inputs) before any work, runs the plan, and turns each
+stored artifact into a materialization carrying its manifest, with asset checks evaluated as soon as
+their artifact exists. Errors become Dagster failures that say what was wrong and whether trying
+again could help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+)
+
+from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.artifacts.metadata import manifest_metadata
+from ergot_dagster.artifacts.store import ArtifactStore
+from ergot_dagster.checks import get_evaluator
+from ergot_dagster.errors import ErgotError, RuntimeFailure
+from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
+from ergot_dagster.resources.runtime import RuntimeAdapter, resource_key
+from ergot_dagster.workflows.execute import execute_plan
+from ergot_dagster.workflows.inputs import bind_inputs
+from ergot_dagster.workflows.model import CheckSpec, WorkflowDefinition, parse_binding
+from ergot_dagster.workflows.registry import WorkflowRegistry
+from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
+
+
+def artifact_key(definition: WorkflowDefinition, artifact: str) -> AssetKey:
+    return AssetKey([definition.family, definition.name, artifact])
+
+
+def _failure(exc: BaseException, definition: WorkflowDefinition | None) -> Failure:
+    transient = isinstance(exc, RuntimeFailure) and exc.transient
+    metadata: dict[str, Any] = {
+        "error_type": type(exc).__name__,
+        "retryable": MetadataValue.bool(transient),
+    }
+    job_id = getattr(exc, "job_id", None)
+    if job_id:
+        metadata["job_id"] = job_id
+    prefix = f"{definition.spec}: " if definition else ""
+    return Failure(description=f"{prefix}{exc}", metadata=metadata, allow_retries=transient)
+
+
+def _check_params(check: CheckSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    params = {}
+    for key, value in check.params.items():
+        binding = parse_binding(value)
+        if binding is not None and binding.scope == "settings":
+            current: Any = settings
+            for part in binding.path:
+                current = current.get(part) if isinstance(current, dict) else None
+            params[key] = current
+        else:
+            params[key] = value
+    return params
+
+
+def _evaluate_check(
+    definition: WorkflowDefinition,
+    check: CheckSpec,
+    manifest: ArtifactManifest,
+    store: ArtifactStore,
+    settings: dict[str, Any],
+) -> AssetCheckResult:
+    outcome = get_evaluator(check.evaluator)(
+        store.local_path(manifest.uri), manifest, _check_params(check, settings)
+    )
+    return AssetCheckResult(
+        asset_key=artifact_key(definition, check.artifact),
+        check_name=check.name,
+        passed=outcome.passed,
+        severity=AssetCheckSeverity.ERROR if check.blocking else AssetCheckSeverity.WARN,
+        description=outcome.description,
+        metadata={"artifact": manifest.ref, **{k: v for k, v in outcome.metadata.items()
+                                               if v is not None}},
+    )
+
+
+def materialize_workflow(
+    context: AssetExecutionContext, registry: WorkflowRegistry, name: str
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """Run the configured version of workflow `name` for the run's partition."""
+    config = context.op_execution_context.op_config or {}
+    definition: WorkflowDefinition | None = None
+    try:
+        definition = registry.get(f"{name}@{config.get('version', '')}".rstrip("@"))
+        settings = validate_settings(definition.settings, config.get("settings") or {})
+        source_ref = partition_key_to_ref(context.partition_key)
+        selected = {
+            key.path[-1]
+            for key in context.selected_asset_keys
+            if key.path[:2] == [definition.family, definition.name]
+        } & set(definition.outputs)
+        store = context.resources.artifact_store.get_store()
+        inputs = bind_inputs(
+            instance=context.instance,
+            store=store,
+            definition=definition,
+            source_ref=source_ref,
+            partition_key=context.partition_key,
+            given=dict(config.get("inputs") or {}),
+        )
+        adapters: dict[str, RuntimeAdapter] = {
+            runtime: getattr(context.resources, resource_key(runtime))
+            for runtime in {stage.runtime or definition.runtime for stage in definition.plan}
+        }
+    except (ErgotError, SettingsError, InvalidRefError) as exc:
+        # Nothing has run yet: a bad request fails here, clearly, and is never retried.
+        raise _failure(exc, definition) from None
+
+    context.log.info(
+        f"{definition.ref} for {source_ref!r}: artifacts {sorted(selected)}, settings {settings}"
+    )
+    selected_checks = {key.name for key in context.selected_asset_check_keys}
+    try:
+        for manifest in execute_plan(
+            definition=definition,
+            settings=settings,
+            inputs=inputs,
+            selected=selected,
+            adapters=adapters,
+            store=store,
+            run_id=context.run_id,
+            source_ref=source_ref,
+            log=context.log,  # type: ignore[arg-type]
+        ):
+            yield MaterializeResult(
+                asset_key=artifact_key(definition, manifest.name),
+                metadata=manifest_metadata(manifest),
+                data_version=DataVersion(manifest.sha256),
+            )
+            for check in definition.checks:
+                if check.artifact == manifest.name and check.name in selected_checks:
+                    yield _evaluate_check(definition, check, manifest, store, settings)
+    except ErgotError as exc:
+        raise _failure(exc, definition) from exc
