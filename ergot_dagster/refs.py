@@ -25,7 +25,9 @@ _DOT_RUN = re.compile(r"\.{3,}")
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 
 ARTIFACT_REF_PREFIX = "artifact:"
-_ARTIFACT_REF = re.compile(r"^artifact:(?P<run_id>[0-9a-f][0-9a-f-]{7,63})/(?P<name>[a-z][a-z0-9_]{0,63})$")
+_ARTIFACT_REF = re.compile(
+    r"^artifact:(?P<run_id>[0-9a-f][0-9a-f-]{7,63})/(?P<name>[a-z][a-z0-9_]{0,63})$"
+)
 
 
 class InvalidRefError(ValueError):
@@ -46,7 +48,9 @@ def validate_source_ref(ref: str) -> str:
     if not isinstance(ref, str) or ref == "":
         raise InvalidRefError("source ref is empty")
     if len(ref) > MAX_REF_LENGTH:
-        raise InvalidRefError(f"source ref is {len(ref)} characters long; the limit is {MAX_REF_LENGTH}")
+        raise InvalidRefError(
+            f"source ref is {len(ref)} characters long; the limit is {MAX_REF_LENGTH}"
+        )
     for ch in ref:
         if _is_control(ch):
             raise InvalidRefError(
@@ -55,7 +59,9 @@ def validate_source_ref(ref: str) -> str:
         if 0xD800 <= ord(ch) <= 0xDFFF:
             raise InvalidRefError(f"source ref {ref!r} is not valid UTF-8")
     if ref.startswith("/"):
-        raise InvalidRefError(f"source ref {ref!r} is absolute; refs are relative to the ingest root")
+        raise InvalidRefError(
+            f"source ref {ref!r} is absolute; refs are relative to the ingest root"
+        )
     if "\\" in ref and re.match(r"^[A-Za-z]:\\", ref):
         raise InvalidRefError(f"source ref {ref!r} is an absolute Windows path")
     parts = ref.split("/")

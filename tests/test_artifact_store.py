@@ -18,8 +18,14 @@ RUN_ID = "0d9f6c3e-5b7a-4c1e-8f2d-1a2b3c4d5e6f"
 def _manifest(store: LocalArtifactStore, path: Path, name: str = "poster") -> ArtifactManifest:
     blob = store.put_blob(path, "image/jpeg")
     return ArtifactManifest(
-        ref=f"artifact:{RUN_ID}/{name}", name=name, media_type="image/jpeg", size=blob.size,
-        sha256=blob.sha256, uri=blob.uri, workflow="core/poster_extraction@1", run_id=RUN_ID,
+        ref=f"artifact:{RUN_ID}/{name}",
+        name=name,
+        media_type="image/jpeg",
+        size=blob.size,
+        sha256=blob.sha256,
+        uri=blob.uri,
+        workflow="core/poster_extraction@1",
+        run_id=RUN_ID,
         source_ref="cam/a.mov",
         parents=[ParentRef(kind="source", ref="cam/a.mov", sha256="ab" * 32, input="source")],
         runtime=RuntimeInfo(type="ffmpeg", target="ffmpeg-local", job_id="pid:1"),

@@ -47,21 +47,42 @@ def test_repository_definitions_load_and_are_published() -> None:
     [
         (lambda d: d.pop("description"), "description", "Field required"),
         (lambda d: d.update(version=0), "version", "greater than or equal to 1"),
-        (lambda d: d["inputs"]["source"].update(media_types=["video"]), "inputs.source.media_types",
-         "not a media type"),
-        (lambda d: d["outputs"]["poster"].update(media_type="image/*"), "outputs.poster.media_type",
-         "one concrete media type"),
-        (lambda d: d["plan"][0]["params"].update(width="${settings.nope}"), "(top level)",
-         "names no setting"),
-        (lambda d: d["inputs"].update(extra={"media_types": ["audio/*"], "primary": True}),
-         "(top level)", "exactly one input must be `primary: true`"),
-        (lambda d: d["settings"]["properties"]["width"].update(default="wide"), "settings",
-         "defaults do not satisfy the schema"),
-        (lambda d: d["settings"]["properties"]["width"].update(type="integr"), "settings",
-         "not a valid JSON Schema"),
+        (
+            lambda d: d["inputs"]["source"].update(media_types=["video"]),
+            "inputs.source.media_types",
+            "not a media type",
+        ),
+        (
+            lambda d: d["outputs"]["poster"].update(media_type="image/*"),
+            "outputs.poster.media_type",
+            "one concrete media type",
+        ),
+        (
+            lambda d: d["plan"][0]["params"].update(width="${settings.nope}"),
+            "(top level)",
+            "names no setting",
+        ),
+        (
+            lambda d: d["inputs"].update(extra={"media_types": ["audio/*"], "primary": True}),
+            "(top level)",
+            "exactly one input must be `primary: true`",
+        ),
+        (
+            lambda d: d["settings"]["properties"]["width"].update(default="wide"),
+            "settings",
+            "defaults do not satisfy the schema",
+        ),
+        (
+            lambda d: d["settings"]["properties"]["width"].update(type="integr"),
+            "settings",
+            "not a valid JSON Schema",
+        ),
         (lambda d: d.update(colour="red"), "colour", "Extra inputs are not permitted"),
-        (lambda d: d["plan"][0]["outputs"].update(info="nonexistent"), "(top level)",
-         "not in `outputs`"),
+        (
+            lambda d: d["plan"][0]["outputs"].update(info="nonexistent"),
+            "(top level)",
+            "not in `outputs`",
+        ),
     ],
 )
 def test_invalid_definition_names_file_and_field(
@@ -91,7 +112,7 @@ def test_file_name_must_match_its_content(tmp_path: Path) -> None:
 
 def test_unpublished_definitions_do_not_load(tmp_path: Path) -> None:
     _write(tmp_path, _poster())
-    with pytest.raises(DefinitionError, match="not published.*ergot workflows publish"):
+    with pytest.raises(DefinitionError, match=r"not published.*ergot workflows publish"):
         load_registry(tmp_path)
     assert [d.spec for d in publish(tmp_path)] == ["poster_extraction@1"]
     assert load_registry(tmp_path).get("poster_extraction").version == 1
@@ -120,7 +141,7 @@ def test_deleting_a_published_version_fails_loading(tmp_path: Path) -> None:
     path = _write(tmp_path, _poster())
     publish(tmp_path)
     path.unlink()
-    with pytest.raises(DefinitionError, match="published .* but the file is missing"):
+    with pytest.raises(DefinitionError, match=r"published .* but the file is missing"):
         load_registry(tmp_path)
 
 
@@ -143,8 +164,11 @@ def test_several_versions_load_and_requests_choose_one(tmp_path: Path) -> None:
     # One multi-asset covers both versions, with the latest version as its code version.
     asset = build_workflow_asset(registry, "poster_extraction")
     specs = {spec.key.to_user_string(): spec for spec in asset.specs}
-    assert set(specs) == {"core/poster_extraction/poster", "core/poster_extraction/poster_info",
-                          "core/poster_extraction/thumb"}
+    assert set(specs) == {
+        "core/poster_extraction/poster",
+        "core/poster_extraction/poster_info",
+        "core/poster_extraction/thumb",
+    }
     assert specs["core/poster_extraction/thumb"].skippable
     assert specs["core/poster_extraction/poster"].code_version == "2"
 
@@ -157,7 +181,7 @@ def test_settings_validation_names_the_field() -> None:
         validate_settings(schema, {"width": 5})
     with pytest.raises(SettingsError, match=r"settings\.width: 'big' is not of type 'integer'"):
         validate_settings(schema, {"width": "big"})
-    with pytest.raises(SettingsError, match="unknown setting.*colour.*allowed: candidates"):
+    with pytest.raises(SettingsError, match=r"unknown setting.*colour.*allowed: candidates"):
         validate_settings(schema, {"colour": "red"})
 
 

@@ -51,17 +51,31 @@ def walk(
     except StoreError:
         if depth == 0:
             raise
-        return LineageNode(kind="artifact", ref=ref, sha256=sha256 or "", input=input_name,
-                           status="missing")
+        return LineageNode(
+            kind="artifact", ref=ref, sha256=sha256 or "", input=input_name, status="missing"
+        )
     node = LineageNode(
-        kind="artifact", ref=ref, sha256=manifest.sha256, input=input_name,
-        media_type=manifest.media_type, workflow=manifest.workflow, run_id=manifest.run_id,
+        kind="artifact",
+        ref=ref,
+        sha256=manifest.sha256,
+        input=input_name,
+        media_type=manifest.media_type,
+        workflow=manifest.workflow,
+        run_id=manifest.run_id,
         uri=manifest.uri,
     )
     for parent in manifest.parents:
         if parent.kind == "artifact":
-            node.parents.append(walk(parent.ref, store, source_lookup, sha256=parent.sha256,
-                                     input_name=parent.input, depth=depth + 1))
+            node.parents.append(
+                walk(
+                    parent.ref,
+                    store,
+                    source_lookup,
+                    sha256=parent.sha256,
+                    input_name=parent.input,
+                    depth=depth + 1,
+                )
+            )
             continue
         record = source_lookup(ref_to_partition_key(parent.ref))
         if record is None:
@@ -70,11 +84,17 @@ def walk(
             status = "current"
         else:
             status = "superseded"
-        node.parents.append(LineageNode(
-            kind="source", ref=parent.ref, sha256=parent.sha256, input=parent.input,
-            media_type=record.media_type if record else None,
-            uri=record.uri if record and status == "current" else None, status=status,
-        ))
+        node.parents.append(
+            LineageNode(
+                kind="source",
+                ref=parent.ref,
+                sha256=parent.sha256,
+                input=parent.input,
+                media_type=record.media_type if record else None,
+                uri=record.uri if record and status == "current" else None,
+                status=status,
+            )
+        )
     return node
 
 
@@ -86,8 +106,10 @@ def render(node: LineageNode, depth: int = 0) -> list[str]:
     elif node.kind == "artifact":
         line = f"{prefix}{node.ref}  sha256 {node.sha256}  [{node.status}]"
     else:
-        line = (f"{prefix}source {node.ref}  {node.media_type or ''}  sha256 {node.sha256}  "
-                f"[{node.status}]")
+        line = (
+            f"{prefix}source {node.ref}  {node.media_type or ''}  sha256 {node.sha256}  "
+            f"[{node.status}]"
+        )
     lines = [line]
     for parent in node.parents:
         lines += render(parent, depth + 1)

@@ -33,10 +33,20 @@ from ergot_dagster.media.hashing import CHUNK
 from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
 
 _EXTENSIONS = {
-    "image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "application/json": ".json",
-    "video/mp4": ".mp4", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
-    "audio/wav": ".wav", "audio/mpeg": ".mp3", "audio/flac": ".flac", "audio/mp4": ".m4a",
-    "text/plain": ".txt", "text/vtt": ".vtt", "application/x-subrip": ".srt",
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/webp": ".webp",
+    "application/json": ".json",
+    "video/mp4": ".mp4",
+    "video/quicktime": ".mov",
+    "video/x-matroska": ".mkv",
+    "audio/wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/flac": ".flac",
+    "audio/mp4": ".m4a",
+    "text/plain": ".txt",
+    "text/vtt": ".vtt",
+    "application/x-subrip": ".srt",
 }
 
 
@@ -53,7 +63,7 @@ def extension_for(media_type: str) -> str:
 
 
 class ArtifactStore(ABC):
-    """What every artifact store offers; the local directory and object storage both implement it."""
+    """What every artifact store offers, whether a local directory or object storage."""
 
     @abstractmethod
     def put_blob(self, path: Path, media_type: str) -> StoredBlob:
@@ -121,7 +131,9 @@ class LocalArtifactStore(ArtifactStore):
         finally:
             staged.unlink(missing_ok=True)
         if final.stat().st_size != size:
-            raise StoreError(f"blob {final.name} exists with a different size; the store is corrupt")
+            raise StoreError(
+                f"blob {final.name} exists with a different size; the store is corrupt"
+            )
         return StoredBlob(sha256=sha256, size=size, uri=self._uri(final))
 
     def local_path(self, uri: str) -> Path:
@@ -184,7 +196,8 @@ class LocalArtifactStore(ArtifactStore):
         if not folder.is_dir():
             return []
         return [
-            ArtifactManifest.model_validate_json(p.read_bytes()) for p in sorted(folder.glob("*.json"))
+            ArtifactManifest.model_validate_json(p.read_bytes())
+            for p in sorted(folder.glob("*.json"))
         ]
 
     # -- scratch ---------------------------------------------------------------------------

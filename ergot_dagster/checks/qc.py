@@ -20,7 +20,9 @@ def _number(params: dict[str, Any], key: str) -> float | None:
 
 
 @evaluator("qc.duration")
-def duration_in_range(path: Path, manifest: ArtifactManifest, params: dict[str, Any]) -> CheckOutcome:
+def duration_in_range(
+    path: Path, manifest: ArtifactManifest, params: dict[str, Any]
+) -> CheckOutcome:
     """Duration within [min_s, max_s] (either bound may be absent)."""
     duration = _report(path).get("duration_s")
     low, high = _number(params, "min_s"), _number(params, "max_s")
@@ -33,22 +35,24 @@ def duration_in_range(path: Path, manifest: ArtifactManifest, params: dict[str, 
         problems.append(f"longer than {high:g} s")
     return CheckOutcome(
         passed=not problems,
-        description=f"duration {duration:.2f} s" + (f" is {' and '.join(problems)}" if problems else
-                                                    " is within bounds"),
+        description=f"duration {duration:.2f} s"
+        + (f" is {' and '.join(problems)}" if problems else " is within bounds"),
         metadata={"duration_s": duration, "min_s": low, "max_s": high},
     )
 
 
 @evaluator("qc.loudness")
-def loudness_in_range(path: Path, manifest: ArtifactManifest, params: dict[str, Any]) -> CheckOutcome:
+def loudness_in_range(
+    path: Path, manifest: ArtifactManifest, params: dict[str, Any]
+) -> CheckOutcome:
     """Integrated loudness within target ± tolerance and true peak under its ceiling."""
     loudness = _report(path).get("loudness")
     require_audio = bool(params.get("require_audio", False))
     if not loudness:
         return CheckOutcome(
             passed=not require_audio,
-            description="no audio stream" + (", and audio is required" if require_audio else
-                                              "; loudness not applicable"),
+            description="no audio stream"
+            + (", and audio is required" if require_audio else "; loudness not applicable"),
         )
     target, tolerance = _number(params, "target_lufs"), _number(params, "tolerance_lu")
     ceiling = _number(params, "max_true_peak_dbtp")
@@ -58,14 +62,21 @@ def loudness_in_range(path: Path, manifest: ArtifactManifest, params: dict[str, 
         if integrated is None:
             problems.append("integrated loudness is unmeasurable (digital silence)")
         elif abs(integrated - target) > tolerance:
-            problems.append(f"integrated {integrated:.1f} LUFS is outside {target:g} ± {tolerance:g}")
+            problems.append(
+                f"integrated {integrated:.1f} LUFS is outside {target:g} ± {tolerance:g}"
+            )
     if ceiling is not None and peak is not None and peak > ceiling:
         problems.append(f"true peak {peak:.1f} dBTP is above {ceiling:g}")
     return CheckOutcome(
         passed=not problems,
         description="; ".join(problems) or "loudness within limits",
-        metadata={"integrated_lufs": integrated, "true_peak_dbtp": peak, "target_lufs": target,
-                  "tolerance_lu": tolerance, "max_true_peak_dbtp": ceiling},
+        metadata={
+            "integrated_lufs": integrated,
+            "true_peak_dbtp": peak,
+            "target_lufs": target,
+            "tolerance_lu": tolerance,
+            "max_true_peak_dbtp": ceiling,
+        },
     )
 
 
@@ -78,24 +89,32 @@ def _total_under(kind: str, path: Path, params: dict[str, Any]) -> CheckOutcome:
     return CheckOutcome(
         passed=passed,
         description=f"{total:.2f} s {kind} in {len(segments)} segment(s)"
-        + ("" if limit is None else (" within " if passed else " over ") + f"the {limit:g} s limit"),
+        + (
+            "" if limit is None else (" within " if passed else " over ") + f"the {limit:g} s limit"
+        ),
         metadata={f"{kind}_s": total, "segments": len(segments), "max_total_s": limit},
     )
 
 
 @evaluator("qc.black")
-def black_under_limit(path: Path, manifest: ArtifactManifest, params: dict[str, Any]) -> CheckOutcome:
+def black_under_limit(
+    path: Path, manifest: ArtifactManifest, params: dict[str, Any]
+) -> CheckOutcome:
     """Total black video under `max_total_s`."""
     return _total_under("black", path, params)
 
 
 @evaluator("qc.silence")
-def silence_under_limit(path: Path, manifest: ArtifactManifest, params: dict[str, Any]) -> CheckOutcome:
+def silence_under_limit(
+    path: Path, manifest: ArtifactManifest, params: dict[str, Any]
+) -> CheckOutcome:
     """Total silent audio under `max_total_s`."""
     return _total_under("silent", path, params)
 
 
 @evaluator("qc.frozen")
-def frozen_under_limit(path: Path, manifest: ArtifactManifest, params: dict[str, Any]) -> CheckOutcome:
+def frozen_under_limit(
+    path: Path, manifest: ArtifactManifest, params: dict[str, Any]
+) -> CheckOutcome:
     """Total frozen video under `max_total_s`."""
     return _total_under("frozen", path, params)

@@ -19,31 +19,85 @@ from ergot_dagster.media.process import run_process
 PROBE_TIMEOUT_S = 60.0
 
 # Formats ffprobe reports for still images.
-_IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif",
-                  "gif_pipe", "ppm_pipe", "pgm_pipe", "qoi_pipe", "dpx_pipe", "exr_pipe", "j2k_pipe"}
+_IMAGE_FORMATS = {
+    "image2",
+    "png_pipe",
+    "jpeg_pipe",
+    "webp_pipe",
+    "bmp_pipe",
+    "tiff_pipe",
+    "gif",
+    "gif_pipe",
+    "ppm_pipe",
+    "pgm_pipe",
+    "qoi_pipe",
+    "dpx_pipe",
+    "exr_pipe",
+    "j2k_pipe",
+}
 
 # A fixed table rather than the `mimetypes` module: the result must not depend on the machine's
 # /etc/mime.types.
 _EXTENSION_TYPES = {
-    ".mov": "video/quicktime", ".mp4": "video/mp4", ".m4v": "video/mp4", ".mkv": "video/x-matroska",
-    ".webm": "video/webm", ".avi": "video/x-msvideo", ".mxf": "application/mxf",
-    ".mts": "video/mp2t", ".m2ts": "video/mp2t", ".ts": "video/mp2t", ".mpg": "video/mpeg",
-    ".mpeg": "video/mpeg", ".ogv": "video/ogg", ".flv": "video/x-flv", ".wmv": "video/x-ms-wmv",
-    ".wav": "audio/wav", ".wave": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
-    ".aac": "audio/aac", ".flac": "audio/flac", ".ogg": "audio/ogg", ".oga": "audio/ogg",
-    ".opus": "audio/opus", ".aif": "audio/aiff", ".aiff": "audio/aiff", ".wma": "audio/x-ms-wma",
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-    ".tif": "image/tiff", ".tiff": "image/tiff", ".bmp": "image/bmp", ".gif": "image/gif",
-    ".exr": "image/x-exr", ".dpx": "image/x-dpx",
+    ".mov": "video/quicktime",
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".mkv": "video/x-matroska",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
+    ".mxf": "application/mxf",
+    ".mts": "video/mp2t",
+    ".m2ts": "video/mp2t",
+    ".ts": "video/mp2t",
+    ".mpg": "video/mpeg",
+    ".mpeg": "video/mpeg",
+    ".ogv": "video/ogg",
+    ".flv": "video/x-flv",
+    ".wmv": "video/x-ms-wmv",
+    ".wav": "audio/wav",
+    ".wave": "audio/wav",
+    ".mp3": "audio/mpeg",
+    ".m4a": "audio/mp4",
+    ".aac": "audio/aac",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".opus": "audio/opus",
+    ".aif": "audio/aiff",
+    ".aiff": "audio/aiff",
+    ".wma": "audio/x-ms-wma",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".exr": "image/x-exr",
+    ".dpx": "image/x-dpx",
 }
 
 # When the extension says nothing useful, the container format does.
 _FORMAT_TYPES = {
-    "mov": "video/quicktime", "mp4": "video/mp4", "matroska": "video/x-matroska",
-    "webm": "video/webm", "avi": "video/x-msvideo", "mpegts": "video/mp2t", "mxf": "application/mxf",
-    "wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg",
-    "aiff": "audio/aiff", "png_pipe": "image/png", "jpeg_pipe": "image/jpeg",
-    "webp_pipe": "image/webp", "tiff_pipe": "image/tiff", "bmp_pipe": "image/bmp", "gif": "image/gif",
+    "mov": "video/quicktime",
+    "mp4": "video/mp4",
+    "matroska": "video/x-matroska",
+    "webm": "video/webm",
+    "avi": "video/x-msvideo",
+    "mpegts": "video/mp2t",
+    "mxf": "application/mxf",
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "aiff": "audio/aiff",
+    "png_pipe": "image/png",
+    "jpeg_pipe": "image/jpeg",
+    "webp_pipe": "image/webp",
+    "tiff_pipe": "image/tiff",
+    "bmp_pipe": "image/bmp",
+    "gif": "image/gif",
 }
 
 
@@ -156,8 +210,15 @@ def ffprobe_binary() -> str:
 def probe(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> ProbeSummary:
     """Probe `path` with ffprobe. Raises `SourceError` when it is not readable media."""
     args = [
-        ffprobe_binary(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-        "--", str(path),
+        ffprobe_binary(),
+        "-v",
+        "error",
+        "-print_format",
+        "json",
+        "-show_format",
+        "-show_streams",
+        "--",
+        str(path),
     ]
     try:
         result = run_process(args, timeout_s=timeout_s, tool="ffprobe")

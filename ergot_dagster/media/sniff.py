@@ -45,7 +45,9 @@ def verify_media_type(path: Path, media_type: str, what: str) -> None:
         try:
             json.loads(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PermanentRuntimeError(f"{what} is declared application/json but is not JSON: {exc}")
+            raise PermanentRuntimeError(
+                f"{what} is declared application/json but is not JSON: {exc}"
+            ) from exc
         return
     check = _MAGIC.get(media_type)
     if check is not None and not check(_head(path)):

@@ -129,8 +129,15 @@ def store_artifact(
         for path in paths:
             verify_media_type(path, spec.media_type, f"{what} member {path.name}")
             blob = store.put_blob(path, spec.media_type)
-            members.append(SetMember(name=path.name, media_type=spec.media_type, size=blob.size,
-                                     sha256=blob.sha256, uri=blob.uri))
+            members.append(
+                SetMember(
+                    name=path.name,
+                    media_type=spec.media_type,
+                    size=blob.size,
+                    sha256=blob.sha256,
+                    uri=blob.uri,
+                )
+            )
         sha256 = _set_digest(members)
         size = sum(m.size for m in members)
         # A set's bytes are its members; its own uri is the manifest that lists them.
@@ -153,8 +160,9 @@ def store_artifact(
         run_id=run_id,
         source_ref=source_ref,
         parents=parents,
-        runtime=RuntimeInfo(type=stage.runtime or definition.runtime, target=result.target,
-                            job_id=result.job_id),
+        runtime=RuntimeInfo(
+            type=stage.runtime or definition.runtime, target=result.target, job_id=result.job_id
+        ),
         stage=stage.id,
         members=members,
         created_at=datetime.now(UTC),
@@ -230,14 +238,18 @@ def execute_plan(
                 ),
                 log,
             )
-            log.info(f"stage {stage.id}: done, job {result.job_id}, outputs {sorted(result.outputs)}")
+            log.info(
+                f"stage {stage.id}: done, job {result.job_id}, outputs {sorted(result.outputs)}"
+            )
             for output, artifact in stage.outputs.items():
                 produced = result.outputs.get(output)
                 if produced is None:
                     continue
                 key = f"{stage.id}.{output}"
                 media_type = (
-                    definition.outputs[artifact].media_type if artifact else "application/octet-stream"
+                    definition.outputs[artifact].media_type
+                    if artifact
+                    else "application/octet-stream"
                 )
                 outcome.files[key] = (
                     [StageFile(path=p, media_type=media_type) for p in produced]
@@ -248,8 +260,14 @@ def execute_plan(
                 if artifact is None or artifact not in selected:
                     continue
                 manifest = store_artifact(
-                    store=store, definition=definition, artifact=artifact, produced=produced,
-                    run_id=run_id, source_ref=source_ref, parents=stage_parents, result=result,
+                    store=store,
+                    definition=definition,
+                    artifact=artifact,
+                    produced=produced,
+                    run_id=run_id,
+                    source_ref=source_ref,
+                    parents=stage_parents,
+                    result=result,
                     stage=stage,
                 )
                 stored[artifact] = manifest

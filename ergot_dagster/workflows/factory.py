@@ -5,7 +5,6 @@ version, the latest by default), one asset per artifact, keyed `family/workflow/
 partitioned by source ref, downstream of `ergot/source` or of the artifacts it takes as inputs.
 """
 
-
 import json
 from collections.abc import Iterator
 
@@ -92,8 +91,9 @@ def _plan_markdown(definition: WorkflowDefinition) -> str:
     for stage in definition.plan:
         outputs = ", ".join(f"{k}→{v or '(internal)'}" for k, v in stage.outputs.items())
         operation = stage.operation or f"template ({len(json.dumps(stage.template))} bytes)"
-        rows.append(f"| {stage.id} | {stage.runtime or definition.runtime} | {operation} | "
-                    f"{outputs} |")
+        rows.append(
+            f"| {stage.id} | {stage.runtime or definition.runtime} | {operation} | {outputs} |"
+        )
     return "\n".join(rows)
 
 
@@ -124,8 +124,7 @@ def build_workflow_asset(registry: WorkflowRegistry, name: str) -> AssetsDefinit
         partitions_def=source_partitions,
         can_subset=True,
         config_schema=config_schema(versions),
-        required_resource_keys={"artifact_store"}
-        | {resource_key(r) for r in _runtimes(versions)},
+        required_resource_keys={"artifact_store"} | {resource_key(r) for r in _runtimes(versions)},
         description=latest.description,
         op_tags={"ergot/workflow": latest.name, "ergot/family": latest.family},
     )

@@ -28,8 +28,9 @@ from ergot_dagster.workflows.execute import WorkflowInput
 from ergot_dagster.workflows.model import InputSpec, WorkflowDefinition
 
 
-def _check_type(definition: WorkflowDefinition, name: str, spec: InputSpec, ref: str,
-                media_type: str) -> None:
+def _check_type(
+    definition: WorkflowDefinition, name: str, spec: InputSpec, ref: str, media_type: str
+) -> None:
     if not media_type_matches(media_type, spec.media_types):
         raise SourceError(
             f"input {name!r} ({ref}) is {media_type}; {definition.spec} accepts "
@@ -129,7 +130,9 @@ def bind_inputs(
                 raise RequestError(
                     f"input {name!r} is the primary source; it is the partition ({source_ref!r})"
                 )
-            bound[name] = source_input(instance=instance, definition=definition, name=name, ref=source_ref)
+            bound[name] = source_input(
+                instance=instance, definition=definition, name=name, ref=source_ref
+            )
             continue
         ref = given.get(name)
         if ref is not None:
@@ -138,15 +141,19 @@ def bind_inputs(
                     manifest = store.get_manifest(ref)
                 except StoreError as exc:
                     raise RequestError(f"input {name!r}: {exc}") from exc
-                bound[name] = artifact_input(store=store, definition=definition, name=name,
-                                             manifest=manifest)
+                bound[name] = artifact_input(
+                    store=store, definition=definition, name=name, manifest=manifest
+                )
             else:
-                bound[name] = source_input(instance=instance, definition=definition, name=name, ref=ref)
+                bound[name] = source_input(
+                    instance=instance, definition=definition, name=name, ref=ref
+                )
         elif spec.asset:
             manifest = _latest_asset_manifest(instance, spec.asset, partition_key)
             if manifest is not None:
-                bound[name] = artifact_input(store=store, definition=definition, name=name,
-                                             manifest=manifest)
+                bound[name] = artifact_input(
+                    store=store, definition=definition, name=name, manifest=manifest
+                )
             elif spec.required:
                 raise SourceError(
                     f"input {name!r} needs {spec.asset} for {source_ref!r}, which has not been "

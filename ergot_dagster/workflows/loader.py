@@ -60,8 +60,9 @@ def parse_file(root: Path, path: Path) -> DefinitionFile:
             f"{relpath}: holds {definition.ref}, so it must be named {expected}.yaml "
             "(family directory, workflow name, version)"
         )
-    return DefinitionFile(path=path, relpath=relpath, definition=definition,
-                          sha256=content_hash(data))
+    return DefinitionFile(
+        path=path, relpath=relpath, definition=definition, sha256=content_hash(data)
+    )
 
 
 def scan(root: Path) -> list[DefinitionFile]:
@@ -69,7 +70,10 @@ def scan(root: Path) -> list[DefinitionFile]:
     if not root.is_dir():
         raise DefinitionError(f"workflow definitions directory {root} does not exist")
     files = sorted(
-        p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix in (".yaml", ".yml")
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     parsed = [parse_file(root, p) for p in files]

@@ -40,9 +40,10 @@ class WorkflowLock(BaseModel):
         return cls.model_validate_json(path.read_text())
 
     def write(self, path: Path) -> None:
-        body = json.dumps(
-            self.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False
-        ) + "\n"
+        body = (
+            json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False)
+            + "\n"
+        )
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lock-")
         try:
             with os.fdopen(fd, "w") as handle:

@@ -83,8 +83,10 @@ def _evaluate_check(
         passed=outcome.passed,
         severity=AssetCheckSeverity.ERROR if check.blocking else AssetCheckSeverity.WARN,
         description=outcome.description,
-        metadata={"artifact": manifest.ref, **{k: v for k, v in outcome.metadata.items()
-                                               if v is not None}},
+        metadata={
+            "artifact": manifest.ref,
+            **{k: v for k, v in outcome.metadata.items() if v is not None},
+        },
     )
 
 

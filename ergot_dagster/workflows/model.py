@@ -47,8 +47,10 @@ def parse_binding(value: Any) -> Binding | None:
     match = _BINDING.match(value)
     if not match:
         if "${" in value:
-            raise ValueError(f"{value!r} looks like a binding but is not one of "
-                             "${inputs.NAME}, ${settings.KEY}, ${stages.STAGE.OUTPUT}")
+            raise ValueError(
+                f"{value!r} looks like a binding but is not one of "
+                "${inputs.NAME}, ${settings.KEY}, ${stages.STAGE.OUTPUT}"
+            )
         return None
     return Binding(scope=match.group("scope"), path=match.group("path").split("."))  # type: ignore[arg-type]
 
@@ -73,7 +75,9 @@ class InputSpec(BaseModel):
     def _media_types(cls, value: list[str]) -> list[str]:
         for item in value:
             if not re.match(MEDIA_TYPE, item):
-                raise ValueError(f"{item!r} is not a media type pattern such as video/* or image/jpeg")
+                raise ValueError(
+                    f"{item!r} is not a media type pattern such as video/* or image/jpeg"
+                )
         return value
 
 
@@ -225,7 +229,8 @@ class WorkflowDefinition(BaseModel):
         primaries = [name for name, spec in self.inputs.items() if spec.primary]
         if len(primaries) != 1:
             raise ValueError(
-                f"exactly one input must be `primary: true` (the source partition); found {primaries}"
+                "exactly one input must be `primary: true` (the source partition); "
+                f"found {primaries}"
             )
         if self.runtime == PLAN_RUNTIME:
             for stage in self.plan:

@@ -8,6 +8,7 @@ in full before any work starts.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dagster import Any as DagsterAny
@@ -30,7 +31,7 @@ def _settings_fields(versions: list[WorkflowDefinition]) -> dict[str, Field]:
         if not isinstance(prop, dict):
             continue
         types = {
-            (v.settings.get("properties") or {}).get(key, {}).get("type")
+            json.dumps((v.settings.get("properties") or {}).get(key, {}).get("type"))
             for v in versions
             if key in (v.settings.get("properties") or {})
         }
@@ -42,8 +43,12 @@ def _settings_fields(versions: list[WorkflowDefinition]) -> dict[str, Field]:
         )
         description = prop.get("description")
         if "default" in prop:
-            fields[key] = Field(dagster_type, is_required=False, default_value=prop["default"],
-                                description=description)
+            fields[key] = Field(
+                dagster_type,
+                is_required=False,
+                default_value=prop["default"],
+                description=description,
+            )
         else:
             fields[key] = Field(dagster_type, is_required=False, description=description)
     return fields

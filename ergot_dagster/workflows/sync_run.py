@@ -108,12 +108,14 @@ def run_workflow(
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
-            checks.append({
-                "asset": evaluation.asset_key.to_user_string(),
-                "check": evaluation.check_name,
-                "passed": evaluation.passed,
-                "description": evaluation.description,
-            })
+            checks.append(
+                {
+                    "asset": evaluation.asset_key.to_user_string(),
+                    "check": evaluation.check_name,
+                    "passed": evaluation.passed,
+                    "description": evaluation.description,
+                }
+            )
     return RunOutcome(
         run_id=result.run_id,
         status=run.status.value if run else ("SUCCESS" if result.success else "FAILURE"),

@@ -1,0 +1,47 @@
+# The two commands: `make dev` (Dagster UI + daemon with demo media) and `make test`.
+# Both run `make setup`, which installs what is missing: ffmpeg with apt, Python packages into .venv.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ERGOT_HOME ?= $(CURDIR)/.ergot
+DAGSTER_HOME ?= $(ERGOT_HOME)/dagster
+HOST ?= 127.0.0.1
+PORT ?= 3000
+export ERGOT_HOME DAGSTER_HOME
+
+.PHONY: setup system venv dev demo test lint bench clean
+
+setup: system venv
+
+system:
+	@scripts/ensure-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: setup $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m ergot_dagster.demo
+
+dev: demo
+	$(BIN)/dagster dev --host $(HOST) --port $(PORT) -w workspace.yaml
+
+test: setup
+	@scripts/ensure-postgres.sh
+	$(BIN)/ruff check ergot_dagster tests bench
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check ergot_dagster tests bench
+
+clean:
+	rm -rf $(ERGOT_HOME)

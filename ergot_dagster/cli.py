@@ -1,0 +1,324 @@
+"""The `ergot` command: ingest, workflows, run, artifacts and lineage, from a terminal.
+
+Every command prints for people by default and JSON with `--json`. Errors go to stderr, name what
+is wrong, and exit non-zero. The command uses the same instance (`DAGSTER_HOME`), artifact store
+and ingest root as `make dev`, so what it does shows up in the Dagster UI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from pydantic import BaseModel
+
+from ergot_dagster.errors import ErgotError
+from ergot_dagster.refs import InvalidRefError
+from ergot_dagster.settings import ErgotSettings, ensure_dagster_home
+from ergot_dagster.workflows.settings_schema import SettingsError
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"ergot: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _emit_json(value: Any) -> None:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return json.loads(obj.model_dump_json())
+        raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+    click.echo(json.dumps(value, indent=2, default=default, ensure_ascii=False))
+
+
+def _instance(settings: ErgotSettings) -> Any:
+    from dagster import DagsterInstance
+
+    ensure_dagster_home(settings)
+    return DagsterInstance.get()
+
+
+def _parse_set(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`--set width=320 --set preset=fast` -> {"width": 320, "preset": "fast"}.
+
+    Values are read as JSON when they parse as JSON (numbers, booleans, null, lists), otherwise as
+    strings; dotted keys build nested objects.
+    """
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = settings
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise click.BadParameter(
+                    f"{key!r} conflicts with another --set", param_hint="--set"
+                )
+        target[parts[-1]] = value
+    return settings
+
+
+class _Errors(click.Group):
+    """Turns the plane's own errors into one clear line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ErgotError, SettingsError, InvalidRefError, FileNotFoundError) as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Errors)
+def main() -> None:
+    """Ergot's media processing plane."""
+
+
+# -- ingest ---------------------------------------------------------------------------------
+
+
+def _expand(root: Path, paths: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    from ergot_dagster.refs import ref_for_path
+    from ergot_dagster.sources.ingest import scan_root
+
+    refs: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_absolute() and not path.exists() and (root / raw).exists():
+            path = root / raw  # a ref given relative to the root
+        try:
+            if path.is_dir() and not path.is_symlink():
+                prefix = ref_for_path(root, path) + "/" if path.resolve() != root.resolve() else ""
+                refs += [prefix + r for r in scan_root(path)]
+            else:
+                refs.append(ref_for_path(root, path))
+        except (InvalidRefError, OSError) as exc:
+            errors.append((raw, str(exc)))
+    return list(dict.fromkeys(refs)), errors
+
+
+@main.command()
+@click.option("--root", type=click.Path(file_okay=False), help="ingest root (ERGOT_INGEST_ROOT)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.argument("paths", nargs=-1, required=True)
+def ingest(root: str | None, as_json: bool, paths: tuple[str, ...]) -> None:
+    """Record files (or folders of files) under the ingest root as source media."""
+    from ergot_dagster.sources.ingest import ingest_refs
+    from ergot_dagster.sources.record import latest_source_record, record_sources
+
+    settings = ErgotSettings.from_env()
+    root_path = Path(root or settings.ingest_root).expanduser()
+    if not root_path.is_dir():
+        _fail(f"the ingest root {root_path} does not exist")
+    refs, errors = _expand(root_path, paths)
+    instance = _instance(settings)
+    outcomes = ingest_refs(root_path, refs, lambda key: latest_source_record(instance, key))
+    record_sources(instance, [o.record for o in outcomes if o.recorded and o.record])
+    refused = [(o.ref, o.error or "") for o in outcomes if o.status == "refused"] + errors
+    if as_json:
+        _emit_json(
+            {
+                "root": str(root_path.resolve()),
+                "ingested": [
+                    {
+                        "ref": o.ref,
+                        "status": o.status,
+                        "sha256": o.record.sha256,
+                        "size": o.record.size,
+                        "media_type": o.record.media_type,
+                    }
+                    for o in outcomes
+                    if o.record
+                ],
+                "refused": [{"path": p, "error": e} for p, e in refused],
+            }
+        )
+    else:
+        for o in outcomes:
+            if o.record:
+                click.echo(f"{o.record.sha256}  {o.ref}  ({o.status}, {o.record.media_type})")
+    for path, error in refused:
+        click.echo(f"ergot: refused {path}: {error}", err=True)
+    if refused:
+        sys.exit(1)
+
+
+# -- workflows ------------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def workflows(ctx: click.Context, as_json: bool) -> None:
+    """List workflows and their published versions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ergot_dagster.workflows.loader import load_registry
+
+    registry = load_registry(ErgotSettings.from_env().workflow_defs)
+    rows = [
+        {
+            "name": name,
+            "family": registry.latest(name).family,
+            "versions": [d.version for d in registry.versions(name)],
+            "latest": registry.latest(name).version,
+            "runtime": registry.latest(name).runtime,
+            "capabilities": registry.latest(name).capabilities,
+            "outputs": {k: v.media_type for k, v in registry.latest(name).outputs.items()},
+            "description": registry.latest(name).description,
+        }
+        for name in registry.names()
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        versions = ",".join(str(v) for v in row["versions"])
+        click.echo(
+            f"{row['family']}/{row['name']}  versions {versions} (latest "
+            f"{row['latest']})  runtime {row['runtime']}  outputs "
+            f"{', '.join(row['outputs'])}"
+        )
+
+
+@workflows.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def publish(as_json: bool) -> None:
+    """Lock every new workflow version in workflow_defs/workflows.lock."""
+    from ergot_dagster.workflows.loader import publish as publish_versions
+
+    published = publish_versions(ErgotSettings.from_env().workflow_defs)
+    if as_json:
+        _emit_json({"published": [d.ref for d in published]})
+        return
+    if not published:
+        click.echo("nothing new to publish")
+    for definition in published:
+        click.echo(f"published {definition.ref}")
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("workflow")
+@click.argument("source_ref")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a workflow setting")
+@click.option(
+    "--input",
+    "input_pairs",
+    multiple=True,
+    metavar="NAME=REF",
+    help="another input: a source ref or an artifact ref",
+)
+@click.option("--verbose", is_flag=True, help="show the run's log as it happens")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def run(
+    workflow: str,
+    source_ref: str,
+    sets: tuple[str, ...],
+    input_pairs: tuple[str, ...],
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """Run WORKFLOW[@VERSION] on SOURCE_REF now, as a Dagster run, and wait for it."""
+    from ergot_dagster.workflows.sync_run import run_workflow
+
+    settings = ErgotSettings.from_env()
+    inputs = {}
+    for pair in input_pairs:
+        name, sep, ref = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
+        inputs[name] = ref
+    outcome = run_workflow(
+        workflow,
+        source_ref,
+        _parse_set(sets),
+        instance=_instance(settings),
+        settings=settings,
+        inputs=inputs,
+        log_level="INFO" if verbose else "WARNING",
+    )
+    if as_json:
+        _emit_json(outcome)
+    else:
+        click.echo(
+            f"run {outcome.run_id}  {outcome.status}  {outcome.workflow}  {outcome.source_ref}"
+        )
+        for manifest in outcome.artifacts:
+            click.echo(
+                f"  {manifest.ref}  {manifest.media_type}  {manifest.size} bytes  "
+                f"sha256 {manifest.sha256}"
+            )
+            click.echo(f"      {manifest.uri}")
+        for check in outcome.checks:
+            mark = "pass" if check["passed"] else "FAIL"
+            click.echo(f"  check {check['check']}: {mark} - {check['description']}")
+    if outcome.status != "SUCCESS":
+        _fail(f"run {outcome.run_id} {outcome.status}: {outcome.error or 'see the run log'}")
+
+
+# -- artifacts and lineage ------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def artifacts(run_id: str, as_json: bool) -> None:
+    """List the artifact manifests a run produced."""
+    from ergot_dagster.artifacts.store import open_store
+
+    settings = ErgotSettings.from_env()
+    instance = _instance(settings)
+    if instance.get_run_by_id(run_id) is None:
+        _fail(f"unknown run {run_id!r}")
+    manifests = open_store(settings.storage).list_run(run_id)
+    if as_json:
+        _emit_json(manifests)
+        return
+    if not manifests:
+        click.echo(f"run {run_id} produced no artifacts")
+    for manifest in manifests:
+        click.echo(
+            f"{manifest.ref}  {manifest.media_type}  {manifest.size} bytes  sha256 "
+            f"{manifest.sha256}  {manifest.uri}"
+        )
+        for member in manifest.members:
+            click.echo(f"    {member.name}  {member.size} bytes  sha256 {member.sha256}")
+
+
+@main.command()
+@click.argument("artifact_ref")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def lineage(artifact_ref: str, as_json: bool) -> None:
+    """Print an artifact's parents, down to the ingested source files and their sha256."""
+    from ergot_dagster.artifacts.lineage import render, walk
+    from ergot_dagster.artifacts.store import open_store
+    from ergot_dagster.sources.record import latest_source_record
+
+    settings = ErgotSettings.from_env()
+    instance = _instance(settings)
+    tree = walk(
+        artifact_ref, open_store(settings.storage), lambda key: latest_source_record(instance, key)
+    )
+    if as_json:
+        _emit_json(tree)
+    else:
+        for line in render(tree):
+            click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""The FFmpeg runtime: ffmpeg/ffprobe on this node, and the recipes it runs."""

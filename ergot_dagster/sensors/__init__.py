@@ -1,0 +1,1 @@
+"""Sensors: ingest of new source media (and, later, the request inbox and runtime health)."""
