@@ -32,8 +32,11 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m ergot_dagster.demo
 
+# Started from ERGOT_HOME so that Dagster does not mistake the repository's dagster.yaml (the
+# template copied into DAGSTER_HOME) for the instance's own.
 dev: demo
-	$(BIN)/dagster dev --host $(HOST) --port $(PORT) -w workspace.yaml
+	cd $(ERGOT_HOME) && $(CURDIR)/$(BIN)/dagster dev --host $(HOST) --port $(PORT) \
+		-w $(CURDIR)/workspace.yaml
 
 test: setup
 	@scripts/ensure-postgres.sh

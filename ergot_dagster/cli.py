@@ -8,6 +8,7 @@ and ingest root as `make dev`, so what it does shows up in the Dagster UI.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,13 +71,21 @@ def _parse_set(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 class _Errors(click.Group):
-    """Turns the plane's own errors into one clear line on stderr."""
+    """Turns errors into one clear line on stderr (set ERGOT_DEBUG=1 for the traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (ErgotError, SettingsError, InvalidRefError, FileNotFoundError) as exc:
             _fail(str(exc))
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            # Something outside the plane's own checks (the instance's database unreachable, a
+            # missing driver...): still one line naming it, not a wall of traceback.
+            if os.environ.get("ERGOT_DEBUG"):
+                raise
+            _fail(f"{type(exc).__name__}: {exc}")
 
 
 @click.group(cls=_Errors)

@@ -15,7 +15,7 @@ SQLITE_INSTANCE = "telemetry:\n  enabled: false\n"
 
 
 @pytest.fixture
-def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ErgotSettings:
+def plane_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ErgotSettings:
     """Environment for one isolated plane: SQLite instance, local store, empty ingest root."""
     home = tmp_path / "ergot"
     dagster_home = home / "dagster"
@@ -31,14 +31,14 @@ def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ErgotSettings:
 
 
 @pytest.fixture
-def instance(plane: ErgotSettings) -> Iterator[DagsterInstance]:
-    with DagsterInstance.from_config(str(plane.dagster_home)) as inst:
+def instance(plane_settings: ErgotSettings) -> Iterator[DagsterInstance]:
+    with DagsterInstance.from_config(str(plane_settings.dagster_home)) as inst:
         yield inst
 
 
 @pytest.fixture
-def ingest_root(plane: ErgotSettings) -> Path:
-    return Path(plane.ingest_root)
+def ingest_root(plane_settings: ErgotSettings) -> Path:
+    return Path(plane_settings.ingest_root)
 
 
 def subprocess_env(plane: ErgotSettings) -> dict[str, str]:

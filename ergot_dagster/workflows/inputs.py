@@ -33,8 +33,8 @@ def _check_type(
 ) -> None:
     if not media_type_matches(media_type, spec.media_types):
         raise SourceError(
-            f"input {name!r} ({ref}) is {media_type}; {definition.spec} accepts "
-            f"{', '.join(spec.media_types)}"
+            f"input {name!r} ({ref}) is {media_type}, but only "
+            f"{', '.join(spec.media_types)} is accepted"
         )
 
 

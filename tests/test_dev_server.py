@@ -1,0 +1,173 @@
+"""What `make dev` starts, for real: the Dagster webserver and daemon on 127.0.0.1.
+
+The ingest sensor, ticked by the daemon, ingests a file dropped into the ingest root; a run
+launched through the GraphQL API goes through the queued run coordinator and the daemon, and its
+artifacts land in the store. Polls with deadlines; no sleeping on luck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ergot_dagster.media.synth import make_clip
+from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+
+DAGSTER = str(Path(sys.executable).parent / "dagster")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _until(what: str, check: Callable[[], Any], timeout_s: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+class Server:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def graphql(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = httpx.post(
+            f"{self.url}/graphql", json={"query": query, "variables": variables}, timeout=30
+        )
+        response.raise_for_status()
+        body = response.json()
+        assert "errors" not in body, body
+        return body["data"]
+
+
+@pytest.fixture
+def server(plane_settings: ErgotSettings, tmp_path: Path) -> Iterator[Server]:
+    # The repository's instance config, as `make dev` uses it (queued run coordinator).
+    (plane_settings.dagster_home / "dagster.yaml").write_text(
+        (PROJECT_ROOT / "dagster.yaml").read_text()
+    )
+    port = _free_port()
+    env = subprocess_env(plane_settings)
+    env.update({"ERGOT_INGEST_INTERVAL_S": "1", "ERGOT_INGEST_SETTLE_S": "0"})
+    log = open(tmp_path / "dagster-dev.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(
+        [
+            DAGSTER,
+            "dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-w",
+            str(PROJECT_ROOT / "workspace.yaml"),
+        ],
+        cwd=plane_settings.home,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "dagster-dev.log").read_text()[-3000:])
+        try:
+            return httpx.get(f"{url}/server_info", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _until("the webserver", up, timeout_s=120)
+        yield Server(url)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+SOURCE_PARTITION = """
+query($key: String!) {
+  assetNodeOrError(assetKey: {path: ["ergot", "source"]}) {
+    ... on AssetNode {
+      assetMaterializations(partitions: [$key]) { partition metadataEntries {
+        label ... on TextMetadataEntry { text } } }
+    }
+  }
+}"""
+
+LAUNCH = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on PythonError { message }
+  }
+}"""
+
+RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+
+def test_sensor_ingests_and_daemon_runs_a_launched_request(
+    server: Server, plane_settings: ErgotSettings, ingest_root: Path
+) -> None:
+    clip = make_clip(ingest_root / "drop" / "take 7.mp4", duration=3.0, black_lead_s=1.0)
+
+    def ingested() -> Any:
+        node = server.graphql(SOURCE_PARTITION, key="drop/take 7.mp4")["assetNodeOrError"]
+        return node.get("assetMaterializations")
+
+    materializations = _until("the ingest sensor to record the new file", ingested)
+    sha = {e["label"]: e.get("text") for e in materializations[0]["metadataEntries"]}["sha256"]
+    assert sha == hashlib.sha256(clip.read_bytes()).hexdigest()
+
+    params = {
+        "selector": {
+            "repositoryLocationName": "ergot",
+            "repositoryName": "__repository__",
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [
+                {"path": ["core", "poster_extraction", "poster"]},
+                {"path": ["core", "poster_extraction", "poster_info"]},
+            ],
+        },
+        "runConfigData": {
+            "ops": {"core__poster_extraction": {"config": {"settings": {"width": 256}}}}
+        },
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "drop/take 7.mp4"}]},
+    }
+    launched = server.graphql(LAUNCH, params=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+
+    def finished() -> str | None:
+        status = server.graphql(RUN_STATUS, id=run_id)["runOrError"]["status"]
+        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+    assert _until("the queued run to finish", finished) == "SUCCESS"
+    manifests = Path(plane_settings.storage) / "manifests" / run_id
+    assert sorted(p.name for p in manifests.iterdir()) == ["poster.json", "poster_info.json"]
