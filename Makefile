@@ -40,11 +40,11 @@ dev: demo
 
 test: setup
 	@scripts/ensure-postgres.sh
-	$(BIN)/ruff check ergot_dagster tests bench
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check ergot_dagster tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(ERGOT_HOME)

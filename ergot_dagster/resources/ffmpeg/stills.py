@@ -82,16 +82,7 @@ def grab_frames(
         for grab in batch:
             args += ["-ss", f"{grab.timestamp_s:.3f}", "-i", str(source)]
         for index, grab in enumerate(batch):
-            args += [
-                "-map",
-                f"{index}:{stream}",
-                "-frames:v",
-                "1",
-                "-vf",
-                grab.filters,
-                *grab.extra_args,
-                str(grab.output),
-            ]
+            args += _still_output(f"{index}:{stream}", grab)
         ctx.ffmpeg(args)
     missing = [grab for grab in grabs if not _written(grab.output)]
     if missing:
@@ -126,19 +117,17 @@ def _grab_by_decoding(
     )
     args: list[str] = ["-loglevel", "error", "-i", str(source)]
     for grab in grabs:
-        args += [
-            "-map",
-            f"0:{stream}",
-            "-ss",
-            f"{grab.timestamp_s:.3f}",
-            "-frames:v",
-            "1",
-            "-vf",
-            grab.filters,
-            *grab.extra_args,
-            str(grab.output),
-        ]
+        # -ss after -i: output seeking, counted on the decoded timeline.
+        args += _still_output(f"0:{stream}", grab, ["-ss", f"{grab.timestamp_s:.3f}"])
     ctx.ffmpeg(args)
+
+
+def _still_output(stream: str, grab: FrameGrab, seek: list[str] | None = None) -> list[str]:
+    """The output options that write one still of `stream` for `grab`."""
+    return [
+        "-map", stream, *(seek or []), "-frames:v", "1", "-vf", grab.filters,
+        *grab.extra_args, str(grab.output),
+    ]  # fmt: skip
 
 
 def jpeg_args(quality: int) -> tuple[str, ...]:

@@ -1,0 +1,76 @@
+"""The code location as the UI shows it: assets, groups, lineage edges, metadata, checks, sensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import AssetKey, DagsterInstance, materialize
+
+from ergot_dagster.assets.source import ergot_source
+from ergot_dagster.definitions import build_definitions
+from ergot_dagster.media.synth import make_clip
+from ergot_dagster.resources.source_root import SourceRootResource
+from ergot_dagster.settings import ErgotSettings
+from ergot_dagster.sources.ingest import ingest_refs
+from ergot_dagster.sources.record import (
+    SOURCE_KEY,
+    latest_source_record,
+    record_sources,
+)
+
+
+def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) -> None:
+    defs = build_definitions(plane_settings)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {
+        "ergot/source",
+        "core/poster_extraction/poster",
+        "core/poster_extraction/poster_info",
+        "core/media_qc/report",
+        "core/review_proxy/proxy",
+        "core/review_proxy/audio",
+        "photogrammetry/frame_sampling/frames",
+        "photogrammetry/frame_sampling/contact_sheet",
+    }
+    poster = graph.get(AssetKey(["core", "poster_extraction", "poster"]))
+    assert poster.group_name == "core"
+    assert poster.code_version == "1"
+    assert SOURCE_KEY in poster.parent_keys
+    assert poster.partitions_def is not None and poster.partitions_def.name == "source_assets"
+    metadata = poster.metadata
+    assert metadata["workflow"] == "core/poster_extraction@1"
+    assert metadata["media_type"] == "image/jpeg"
+    assert metadata["runtime"] == "ffmpeg"
+    assert "video.decode" in metadata["capabilities"]
+    assert metadata["settings_schema"].value["properties"]["width"]["default"] == 640
+    sheet = graph.get(AssetKey(["photogrammetry", "frame_sampling", "contact_sheet"]))
+    assert sheet.group_name == "photogrammetry"
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {
+        "duration_in_range",
+        "loudness_in_range",
+        "black_within_limit",
+        "silence_within_limit",
+        "frozen_within_limit",
+    }
+    assert [s.name for s in defs.sensors] == ["ingest_sensor"]
+    assert set(defs.resources) >= {"artifact_store", "sources", "runtime_ffmpeg"}
+
+
+def test_materializing_a_source_partition_records_it_again(
+    plane_settings: ErgotSettings, instance: DagsterInstance, ingest_root: Path
+) -> None:
+    make_clip(ingest_root / "a.mp4", duration=1.0)
+    outcomes = ingest_refs(ingest_root, ["a.mp4"], lambda k: latest_source_record(instance, k))
+    record_sources(instance, [o.record for o in outcomes if o.record])
+    make_clip(ingest_root / "a.mp4", duration=2.0)  # changed on disk since
+    result = materialize(
+        [ergot_source],
+        partition_key="a.mp4",
+        instance=instance,
+        resources={"sources": SourceRootResource(root=str(ingest_root))},
+    )
+    assert result.success
+    record = latest_source_record(instance, "a.mp4")
+    assert record is not None and record.probe.duration_s and record.probe.duration_s > 1.5
