@@ -332,3 +332,26 @@ def test_a_stage_that_overruns_its_timeout_fails_clearly(
     assert failure.user_failure_data.metadata["retryable"].value is True
     assert slow.manifests(result) == {}
     assert slow.staging_is_empty()
+
+
+def test_two_published_versions_run_side_by_side(
+    plane: Plane, ingest_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defs = tmp_path / "versions"
+    shutil.copytree(PROJECT_ROOT / "workflow_defs", defs)
+    v2 = yaml.safe_load((defs / "core" / "poster_extraction.v1.yaml").read_text())
+    v2["version"] = 2
+    v2["settings"]["properties"]["width"]["default"] = 200
+    (defs / "core" / "poster_extraction.v2.yaml").write_text(yaml.safe_dump(v2, sort_keys=False))
+    assert [d.spec for d in publish(defs)] == ["poster_extraction@2"]
+    monkeypatch.setenv("ERGOT_WORKFLOW_DEFS", str(defs))
+    both = Plane(ErgotSettings.from_env(), plane.instance)
+    make_clip(ingest_root / "a.mp4", duration=3.0, size="640x360")
+    _ingest(plane.instance, ingest_root, "a.mp4")
+
+    latest = both.run("poster_extraction", "a.mp4")
+    pinned = both.run("poster_extraction@1", "a.mp4")
+    assert latest.success and pinned.success
+    new, old = both.manifests(latest)["poster"], both.manifests(pinned)["poster"]
+    assert (new.workflow, probe(both.path(new)).width) == ("core/poster_extraction@2", 200)
+    assert (old.workflow, probe(both.path(old)).width) == ("core/poster_extraction@1", 640)

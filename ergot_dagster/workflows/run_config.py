@@ -25,24 +25,32 @@ def op_name(definition: WorkflowDefinition) -> str:
 
 
 def _settings_fields(versions: list[WorkflowDefinition]) -> dict[str, Field]:
+    """Launchpad fields for the latest version's settings.
+
+    Dagster fills a field's default into the run config before our code sees it, so a default is
+    given to Dagster only when every loaded version has the property with that same default;
+    otherwise a run pinned to an older version would silently get the latest version's default.
+    The chosen version's own JSON Schema supplies the rest.
+    """
     latest = versions[-1]
     fields: dict[str, Field] = {}
     for key, prop in (latest.settings.get("properties") or {}).items():
         if not isinstance(prop, dict):
             continue
-        types = {
-            json.dumps((v.settings.get("properties") or {}).get(key, {}).get("type"))
-            for v in versions
-            if key in (v.settings.get("properties") or {})
-        }
+        props = [(v.settings.get("properties") or {}).get(key) for v in versions]
+        shapes = {json.dumps(p.get("type")) if isinstance(p, dict) else "absent" for p in props}
         json_type = prop.get("type")
         dagster_type = (
             _JSON_TO_DAGSTER.get(json_type, DagsterAny)
-            if len(types) == 1 and isinstance(json_type, str)
+            if len(shapes) == 1 and isinstance(json_type, str)
             else DagsterAny
         )
+        defaults = {
+            json.dumps(p["default"]) if isinstance(p, dict) and "default" in p else None
+            for p in props
+        }
         description = prop.get("description")
-        if "default" in prop:
+        if len(defaults) == 1 and None not in defaults:
             fields[key] = Field(
                 dagster_type,
                 is_required=False,
