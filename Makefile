@@ -15,7 +15,7 @@ export ERGOT_HOME DAGSTER_HOME
 setup: system venv
 
 system:
-	@scripts/ensure-system.sh
+	@PYTHON=$(PYTHON) scripts/ensure-system.sh
 
 venv: $(VENV)/.installed
 
@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+# Copied once: an instance configured by hand (PostgreSQL, say) is never overwritten. Delete the
+# copy to take a newer template.
+$(DAGSTER_HOME)/dagster.yaml:
 	@mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 

@@ -80,6 +80,11 @@ class _Errors(click.Group):
             _fail(str(exc))
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except BrokenPipeError:
+            # The reader went away (`ergot runs | head`): not an error of ours. Point stdout at
+            # /dev/null so that Python's own flush at exit does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except Exception as exc:
             # Something outside the plane's own checks (the instance's database unreachable, a
             # missing driver...): still one line naming it, not a wall of traceback.
@@ -258,7 +263,8 @@ def run(
         instance=_instance(settings),
         settings=settings,
         inputs=inputs,
-        log_level="INFO" if verbose else "WARNING",
+        # The outcome is printed below; Dagster's own console lines only with --verbose.
+        log_level="INFO" if verbose else "CRITICAL",
     )
     if as_json:
         _emit_json(outcome)

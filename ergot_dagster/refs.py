@@ -22,7 +22,8 @@ MAX_REF_LENGTH = 1024
 # Percent-encoded in partition keys. `%` must come first so that decoding is unambiguous.
 _KEY_ESCAPES = {"%": "%25", ",": "%2C", "[": "%5B", "]": "%5D", "|": "%7C"}
 _DOT_RUN = re.compile(r"\.{3,}")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+# Only the escapes `ref_to_partition_key` writes are decoded, so the rule is a true inverse.
+_ESCAPED = re.compile(r"%(25|2C|5B|5D|7C|2E)")
 
 ARTIFACT_REF_PREFIX = "artifact:"
 _ARTIFACT_REF = re.compile(
@@ -115,7 +116,7 @@ def ref_to_partition_key(ref: str) -> str:
 
 def partition_key_to_ref(key: str) -> str:
     """Inverse of `ref_to_partition_key`."""
-    ref = _PERCENT.sub(lambda m: chr(int(m.group(1), 16)), key)
+    ref = _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), key)
     validate_source_ref(ref)
     return ref
 

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Install the system packages the plane needs (ffmpeg/ffprobe) when they are missing.
+# Install the system packages the plane needs when they are missing: ffmpeg/ffprobe, and
+# python3-venv where Debian split it out of python3.
 set -euo pipefail
+PYTHON=${PYTHON:-python3}
 missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+# Debian's python3 needs python3-venv (ensurepip) to make the project's virtual environment.
+if [ ! -x .venv/bin/python ] && ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "need root or sudo to apt-get install ffmpeg" >&2; exit 1; }
+  command -v sudo >/dev/null 2>&1 || { echo "need root or sudo to apt-get install ${missing[*]}" >&2; exit 1; }
   SUDO="sudo"
 fi
-echo "installing ffmpeg with apt-get" >&2
+mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "installing ${packages[*]} with apt-get" >&2
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ffmpeg
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"

@@ -117,6 +117,31 @@ def test_errors_go_to_stderr_with_nonzero_exit(
     assert "Traceback" not in result.stderr
 
 
+def test_plainly_wrong_requests_leave_no_failed_run(
+    plane_settings: ErgotSettings, ingest_root: Path
+) -> None:
+    make_clip(ingest_root / "a.mp4", duration=1.0)
+    assert _ergot(plane_settings, "ingest", str(ingest_root / "a.mp4")).returncode == 0
+    wrong_input = _ergot(plane_settings, "run", "review_proxy", "a.mp4", "--input", "voice=x")
+    assert wrong_input.returncode == 1
+    assert "no input(s) named voice; the inputs are source" in wrong_input.stderr
+    with DagsterInstance.from_config(str(plane_settings.dagster_home)) as instance:
+        assert instance.get_runs() == []
+
+
+def test_a_failing_run_prints_one_clear_line(
+    plane_settings: ErgotSettings, ingest_root: Path
+) -> None:
+    make_clip(ingest_root / "a.mp4", duration=1.0)
+    assert _ergot(plane_settings, "ingest", str(ingest_root / "a.mp4")).returncode == 0
+    make_clip(ingest_root / "a.mp4", duration=2.0)  # changed without re-ingest
+    result = _ergot(plane_settings, "run", "review_proxy", "a.mp4")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "FAILURE: review_proxy@1: source 'a.mp4' has changed since it was ingested" in lines[0]
+
+
 def test_dagster_asset_materialize_for_a_partition(
     plane_settings: ErgotSettings, ingest_root: Path
 ) -> None:

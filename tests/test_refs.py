@@ -36,6 +36,11 @@ def test_partition_key_round_trips_and_avoids_ui_syntax(ref: str) -> None:
     assert "," not in key and "..." not in key and "[" not in key and "|" not in key
 
 
+def test_only_the_rules_own_escapes_are_decoded() -> None:
+    assert partition_key_to_ref("a%20b.mov") == "a%20b.mov"
+    assert partition_key_to_ref("a%2Cb.mov") == "a,b.mov"
+
+
 def test_ordinary_refs_are_their_own_keys() -> None:
     for ref in ["camA/2026-11-24/take 01.mov", "日本/撮影 ①.mp4", "a/b-c_d.e.wav"]:
         assert ref_to_partition_key(ref) == ref

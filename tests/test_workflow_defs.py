@@ -83,6 +83,42 @@ def test_repository_definitions_load_and_are_published() -> None:
             "(top level)",
             "not in `outputs`",
         ),
+        (
+            lambda d: d["plan"][0].update(operation="postr"),
+            "plan.0.operation",
+            "ffmpeg has no recipe 'postr' (known: ",
+        ),
+        (
+            lambda d: d.update(runtime="telepathy"),
+            "plan.0.runtime",
+            "no runtime adapter is registered for 'telepathy'",
+        ),
+        (
+            lambda d: d["plan"][0]["params"].update(width="${stages.extract.poster}"),
+            "plan.0",
+            "files from earlier stages go in `inputs`",
+        ),
+        (
+            lambda d: d.update(
+                checks=[{"name": "c", "artifact": "poster", "evaluator": "qc.nope"}]
+            ),
+            "checks.0.evaluator",
+            "no check evaluator 'qc.nope'",
+        ),
+        (
+            lambda d: d.update(
+                checks=[
+                    {
+                        "name": "c",
+                        "artifact": "poster",
+                        "evaluator": "qc.black",
+                        "params": {"max_total_s": "${settings.max_blak_s}"},
+                    }
+                ]
+            ),
+            "(top level)",
+            "names no setting in the schema",
+        ),
     ],
 )
 def test_invalid_definition_names_file_and_field(

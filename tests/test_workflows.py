@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ def test_poster_skips_the_black_lead_in(plane: Plane, ingest_root: Path) -> None
     materialization = by_key["core/poster_extraction/poster"].materialization
     assert manifest_from_metadata(dict(materialization.metadata)) == poster
     assert materialization.tags["dagster/data_version"] == poster.sha256
+    # What the stage decided and how long it took is recorded with the artifact.
+    stage = materialization.metadata["stage_metadata"].value
+    assert stage["stage"] == "extract" and stage["timestamp_s"] == sidecar["timestamp_s"]
+    assert stage["elapsed_s"] > 0 and stage["job_id"] == poster.runtime.job_id
     assert plane.staging_is_empty()
 
 
@@ -267,6 +272,26 @@ def test_source_changed_since_ingest_is_refused(plane: Plane, ingest_root: Path)
     clip = make_clip(ingest_root / "a.mp4", duration=1.0)
     _ingest(plane.instance, ingest_root, "a.mp4")
     make_clip(clip, duration=2.0)
+    result = plane.run("review_proxy", "a.mp4")
+    assert not result.success
+    assert "has changed since it was ingested" in plane.failure(result)
+
+
+def test_touched_source_with_the_same_bytes_still_runs(plane: Plane, ingest_root: Path) -> None:
+    clip = make_clip(ingest_root / "a.mp4", duration=1.0)
+    _ingest(plane.instance, ingest_root, "a.mp4")
+    os.utime(clip, ns=(1_000_000_000, 1_000_000_000))  # a sync that does not keep mtimes
+    result = plane.run("review_proxy", "a.mp4")
+    assert result.success
+    assert plane.manifests(result)["proxy"].parents[0].sha256 == _sha(clip)
+
+
+def test_same_size_different_bytes_is_refused(plane: Plane, ingest_root: Path) -> None:
+    clip = make_clip(ingest_root / "a.mp4", duration=1.0)
+    _ingest(plane.instance, ingest_root, "a.mp4")
+    data = bytearray(clip.read_bytes())
+    data[-100] ^= 0xFF
+    clip.write_bytes(bytes(data))
     result = plane.run("review_proxy", "a.mp4")
     assert not result.success
     assert "has changed since it was ingested" in plane.failure(result)

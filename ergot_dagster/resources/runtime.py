@@ -90,6 +90,14 @@ class RuntimeAdapter(ConfigurableResource, ABC):
     def health(self) -> HealthReport:
         """Probe the runtime without doing any work."""
 
+    @classmethod
+    def validate_stage(cls, stage: StageSpec) -> None:
+        """Raise `ValueError` if this runtime cannot run `stage` (checked when definitions load).
+
+        The default accepts anything; adapters that know their operations say so here, so that a
+        misspelt operation fails at publish time instead of in the middle of a run.
+        """
+
 
 _ADAPTERS: dict[str, type[RuntimeAdapter]] = {}
 

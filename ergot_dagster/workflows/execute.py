@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,14 @@ class WorkflowInput:
 class _StageOutcome:
     files: dict[str, StageFile | list[StageFile]] = field(default_factory=dict)
     parents: dict[str, list[ParentRef]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """An artifact just stored, with what its stage reported (timings, job ids, choices made)."""
+
+    manifest: ArtifactManifest
+    stage_metadata: dict[str, Any]
 
 
 class MissingArtifactsError(PermanentRuntimeError):
@@ -182,8 +191,8 @@ def execute_plan(
     run_id: str,
     source_ref: str,
     log: logging.Logger,
-) -> Iterator[ArtifactManifest]:
-    """Run the stages needed for `selected` and yield each artifact's manifest once stored.
+) -> Iterator[StoredArtifact]:
+    """Run the stages needed for `selected` and yield each artifact once stored.
 
     Raises after yielding what was produced if a stage fails or a required artifact is missing.
     """
@@ -221,6 +230,7 @@ def execute_plan(
                 f"stage {stage.id}: {runtime_type} {stage.operation or 'template'} on "
                 f"{adapter.target} (timeout {timeout_s:g} s)"
             )
+            started = time.monotonic()
             result = adapter.run_stage(
                 StageRequest(
                     workflow=definition.ref,
@@ -238,9 +248,17 @@ def execute_plan(
                 ),
                 log,
             )
-            log.info(
-                f"stage {stage.id}: done, job {result.job_id}, outputs {sorted(result.outputs)}"
-            )
+            report = {
+                "stage": stage.id,
+                "runtime": runtime_type,
+                "target": result.target,
+                "job_id": result.job_id,
+                "elapsed_s": round(time.monotonic() - started, 3),
+                "outputs": sorted(result.outputs),
+                **result.metadata,
+            }
+            # One structured line per stage: what ran where, how long, and what it decided.
+            log.info(f"stage {stage.id} done: {json.dumps(report, default=str)}")
             for output, artifact in stage.outputs.items():
                 produced = result.outputs.get(output)
                 if produced is None:
@@ -275,7 +293,7 @@ def execute_plan(
                 outcome.parents[key] = [
                     ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256)
                 ]
-                yield manifest
+                yield StoredArtifact(manifest=manifest, stage_metadata=report)
     missing = sorted(
         name for name in selected if definition.outputs[name].required and name not in stored
     )

@@ -15,6 +15,7 @@ from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef
 from ergot_dagster.artifacts.metadata import manifest_from_metadata
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import RequestError, SourceError, StoreError
+from ergot_dagster.media.hashing import sha256_file
 from ergot_dagster.media.probe import media_type_matches
 from ergot_dagster.refs import (
     InvalidRefError,
@@ -28,13 +29,23 @@ from ergot_dagster.workflows.execute import WorkflowInput
 from ergot_dagster.workflows.model import InputSpec, WorkflowDefinition
 
 
-def _check_type(
+def check_media_type(
     definition: WorkflowDefinition, name: str, spec: InputSpec, ref: str, media_type: str
 ) -> None:
+    """Refuse media of a type that input `name` does not accept, naming both."""
     if not media_type_matches(media_type, spec.media_types):
         raise SourceError(
             f"input {name!r} ({ref}) is {media_type}, but only "
             f"{', '.join(spec.media_types)} is accepted"
+        )
+
+
+def check_input_names(definition: WorkflowDefinition, given: dict[str, str]) -> None:
+    """Refuse inputs the workflow does not have."""
+    unknown = sorted(set(given) - set(definition.inputs))
+    if unknown:
+        raise RequestError(
+            f"no input(s) named {', '.join(unknown)}; the inputs are {', '.join(definition.inputs)}"
         )
 
 
@@ -56,14 +67,19 @@ def source_input(
             f"source {ref!r} has not been ingested; run `ergot ingest` on it or wait for the "
             "ingest sensor"
         )
-    _check_type(definition, name, definition.inputs[name], ref, record.media_type)
+    check_media_type(definition, name, definition.inputs[name], ref, record.media_type)
     # The file is read from the root it was ingested under, and must still lie inside it.
     try:
         path = resolve_under_root(Path(record.root), ref)
     except (InvalidRefError, FileNotFoundError) as exc:
         raise SourceError(f"source {ref!r}: {exc}") from exc
     stat = path.stat()
-    if stat.st_size != record.size or stat.st_mtime_ns != record.mtime_ns:
+    # Size and mtime are the cheap proof that the file is what was ingested; a file only touched
+    # (or copied by a sync that does not keep mtimes) is hashed, and passes if its bytes are the
+    # same, so that lineage never names a sha256 other than the bytes processed.
+    if stat.st_size != record.size or (
+        stat.st_mtime_ns != record.mtime_ns and sha256_file(path)[0] != record.sha256
+    ):
         raise SourceError(
             f"source {ref!r} has changed since it was ingested (sha256 {record.sha256[:12]}); "
             "ingest it again before processing it"
@@ -79,7 +95,7 @@ def artifact_input(
     *, store: ArtifactStore, definition: WorkflowDefinition, name: str, manifest: ArtifactManifest
 ) -> WorkflowInput:
     """Bind input `name` to a stored artifact."""
-    _check_type(definition, name, definition.inputs[name], manifest.ref, manifest.media_type)
+    check_media_type(definition, name, definition.inputs[name], manifest.ref, manifest.media_type)
     files: StageFile | list[StageFile]
     if manifest.kind == "set":
         files = [
@@ -117,12 +133,7 @@ def bind_inputs(
     given: dict[str, str],
 ) -> dict[str, WorkflowInput]:
     """Bind every input of `definition` for one run; raise naming the input that cannot be bound."""
-    unknown = sorted(set(given) - set(definition.inputs))
-    if unknown:
-        raise RequestError(
-            f"{definition.spec} has no input(s) {', '.join(unknown)}; its inputs are "
-            f"{', '.join(definition.inputs)}"
-        )
+    check_input_names(definition, given)
     bound: dict[str, WorkflowInput] = {}
     for name, spec in definition.inputs.items():
         if spec.primary:
@@ -160,5 +171,5 @@ def bind_inputs(
                     "materialized yet"
                 )
         elif spec.required:
-            raise RequestError(f"{definition.spec} needs input {name!r} and the request gave none")
+            raise RequestError(f"input {name!r} is required and the request gave none")
     return bound

@@ -54,6 +54,7 @@ def parse_file(root: Path, path: Path) -> DefinitionFile:
         definition = WorkflowDefinition.model_validate(data)
     except ValidationError as exc:
         raise DefinitionError(_format_validation(relpath, exc)) from None
+    _check_runnable(relpath, definition)
     expected = f"{definition.family}/{definition.name}.v{definition.version}"
     if relpath.rsplit(".", 1)[0] != expected:
         raise DefinitionError(
@@ -63,6 +64,36 @@ def parse_file(root: Path, path: Path) -> DefinitionFile:
     return DefinitionFile(
         path=path, relpath=relpath, definition=definition, sha256=content_hash(data)
     )
+
+
+def _check_runnable(relpath: str, definition: WorkflowDefinition) -> None:
+    """Every stage has an adapter that can run it, and every check a known evaluator."""
+    # Imported here: the adapters module imports the registry, which this module provides.
+    import ergot_dagster.resources.adapters  # noqa: F401  (registers the built-in adapters)
+    from ergot_dagster.checks import evaluator_names
+    from ergot_dagster.resources.runtime import registered_runtimes
+
+    adapters = registered_runtimes()
+    for index, stage in enumerate(definition.plan):
+        runtime = stage.runtime or definition.runtime
+        adapter = adapters.get(runtime)
+        if adapter is None:
+            raise DefinitionError(
+                f"{relpath}: field `plan.{index}.runtime`: no runtime adapter is registered for "
+                f"{runtime!r} (known: {', '.join(sorted(adapters))})"
+            )
+        try:
+            adapter.validate_stage(stage)
+        except ValueError as exc:
+            field = "operation" if stage.operation is not None else "template"
+            raise DefinitionError(f"{relpath}: field `plan.{index}.{field}`: {exc}") from None
+    known = evaluator_names()
+    for index, check in enumerate(definition.checks):
+        if check.evaluator not in known:
+            raise DefinitionError(
+                f"{relpath}: field `checks.{index}.evaluator`: no check evaluator "
+                f"{check.evaluator!r} (known: {', '.join(known)})"
+            )
 
 
 def scan(root: Path) -> list[DefinitionFile]:

@@ -127,7 +127,7 @@ def materialize_workflow(
     )
     selected_checks = {key.name for key in context.selected_asset_check_keys}
     try:
-        for manifest in execute_plan(
+        for stored in execute_plan(
             definition=definition,
             settings=settings,
             inputs=inputs,
@@ -138,9 +138,13 @@ def materialize_workflow(
             source_ref=source_ref,
             log=context.log,  # type: ignore[arg-type]
         ):
+            manifest = stored.manifest
+            metadata = manifest_metadata(manifest)
+            if stored.stage_metadata:
+                metadata["stage_metadata"] = MetadataValue.json(stored.stage_metadata)
             yield MaterializeResult(
                 asset_key=artifact_key(definition, manifest.name),
-                metadata=manifest_metadata(manifest),
+                metadata=metadata,
                 data_version=DataVersion(manifest.sha256),
             )
             for check in definition.checks:

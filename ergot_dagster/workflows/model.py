@@ -130,8 +130,12 @@ class StageSpec(BaseModel):
                     f"stage input {name!r} must be ${{inputs.NAME}} or ${{stages.STAGE.OUTPUT}}, "
                     f"not {value!r}"
                 )
-        for value in self.params.values():
-            parse_binding(value)
+        for name, value in self.params.items():
+            binding = parse_binding(value)
+            if binding is not None and binding.scope == "stages":
+                raise ValueError(
+                    f"param {name!r} cannot bind {value}; files from earlier stages go in `inputs`"
+                )
         return self
 
 
@@ -295,4 +299,13 @@ class WorkflowDefinition(BaseModel):
         for check in self.checks:
             if check.artifact not in self.outputs:
                 raise ValueError(f"check {check.name!r} is on {check.artifact!r}, not an artifact")
+            for key, value in check.params.items():
+                binding = parse_binding(value)
+                if binding is None:
+                    continue
+                if binding.scope != "settings" or binding.path[0] not in properties:
+                    raise ValueError(
+                        f"check {check.name!r}: param {key!r} = {value} names no setting in the "
+                        "schema"
+                    )
         return self

@@ -18,7 +18,8 @@ from ergot_dagster.artifacts.store import open_store
 from ergot_dagster.errors import RequestError, SourceError
 from ergot_dagster.refs import InvalidRefError, ref_to_partition_key
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
-from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME
+from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME, latest_source_record
+from ergot_dagster.workflows.inputs import check_input_names, check_media_type
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.materialize import artifact_key
 from ergot_dagster.workflows.run_config import run_config_for
@@ -61,7 +62,7 @@ def run_workflow(
     settings: ErgotSettings,
     inputs: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
-    log_level: str = "WARNING",
+    log_level: str = "CRITICAL",
 ) -> RunOutcome:
     """Validate, then execute `spec` on `source_ref` and wait for it to finish."""
     registry = load_registry(settings.workflow_defs)
@@ -74,10 +75,21 @@ def run_workflow(
         partition_key = ref_to_partition_key(source_ref)
     except InvalidRefError as exc:
         raise SourceError(str(exc)) from exc
-    if not instance.has_dynamic_partition(SOURCE_PARTITIONS_NAME, partition_key):
+    store = open_store(settings.storage)
+    record = (
+        latest_source_record(instance, partition_key)
+        if instance.has_dynamic_partition(SOURCE_PARTITIONS_NAME, partition_key)
+        else None
+    )
+    if record is None:
         raise SourceError(
             f"source {source_ref!r} has not been ingested; run `ergot ingest` on it first"
         )
+    # The run checks these too; checking here as well means a plainly wrong request is refused
+    # without leaving a failed run behind.
+    primary = definition.primary_input
+    check_media_type(definition, primary, definition.inputs[primary], source_ref, record.media_type)
+    check_input_names(definition, inputs or {})
 
     recon_repo = ReconstructableRepository.for_module(
         DEFINITIONS_MODULE, "defs", working_directory=str(PROJECT_ROOT)
@@ -103,7 +115,6 @@ def run_workflow(
         tags=run_tags,
     )
     run = instance.get_run_by_id(result.run_id)
-    store = open_store(settings.storage)
     checks = []
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":

@@ -10,7 +10,12 @@ from pydantic import Field
 from ergot_dagster.errors import PermanentRuntimeError
 from ergot_dagster.media.process import run_process
 from ergot_dagster.resources.ffmpeg import recipes  # noqa: F401  (registers the recipes)
-from ergot_dagster.resources.ffmpeg.recipe import RecipeContext, ffmpeg_available, get_recipe
+from ergot_dagster.resources.ffmpeg.recipe import (
+    RecipeContext,
+    ffmpeg_available,
+    get_recipe,
+    recipe_names,
+)
 from ergot_dagster.resources.runtime import (
     HealthReport,
     RuntimeAdapter,
@@ -18,6 +23,7 @@ from ergot_dagster.resources.runtime import (
     StageResult,
     register_runtime,
 )
+from ergot_dagster.workflows.model import StageSpec
 
 
 @register_runtime
@@ -30,7 +36,6 @@ class FFmpegRuntime(RuntimeAdapter):
 
     runtime_type = "ffmpeg"
     ffmpeg_path: str = Field(default="ffmpeg", description="ffmpeg binary (name on PATH or path)")
-    ffprobe_path: str = Field(default="ffprobe", description="ffprobe binary")
     threads: int = Field(default=0, ge=0, description="-threads for ffmpeg; 0 lets ffmpeg choose")
 
     def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
@@ -58,6 +63,15 @@ class FFmpegRuntime(RuntimeAdapter):
             job_id=f"pid:{context.pids[-1]}" if context.pids else None,
             metadata={"ffmpeg_pids": context.pids, **output.metadata},
         )
+
+    @classmethod
+    def validate_stage(cls, stage: StageSpec) -> None:
+        if stage.template is not None:
+            raise ValueError("ffmpeg stages name a recipe in `operation`, not a `template`")
+        if stage.operation not in recipe_names():
+            raise ValueError(
+                f"ffmpeg has no recipe {stage.operation!r} (known: {', '.join(recipe_names())})"
+            )
 
     def health(self) -> HealthReport:
         binary = ffmpeg_available(self.ffmpeg_path)

@@ -1,0 +1,1 @@
+"""Workflow definitions: the model, loading and locking, and turning them into assets and runs."""
