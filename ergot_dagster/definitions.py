@@ -13,6 +13,7 @@ from ergot_dagster.assets import build_assets
 from ergot_dagster.resources.adapters import runtime_resources
 from ergot_dagster.resources.artifact_store import ArtifactStoreResource
 from ergot_dagster.resources.source_root import SourceRootResource
+from ergot_dagster.resources.targets import RuntimeTargetsResource
 from ergot_dagster.sensors.ingest_sensor import ingest_sensor
 from ergot_dagster.settings import ErgotSettings
 from ergot_dagster.workflows.loader import load_registry
@@ -29,6 +30,7 @@ def build_definitions(settings: ErgotSettings | None = None) -> Definitions:
         resources={
             "artifact_store": ArtifactStoreResource(location=settings.storage),
             "sources": SourceRootResource(root=settings.ingest_root),
+            "runtime_targets": RuntimeTargetsResource(path=str(settings.runtime_targets)),
             **runtime_resources(registry),
         },
         # Each workflow is one op, so a run has one step: running it in the run worker itself

@@ -23,6 +23,7 @@ class ErgotSettings(BaseModel):
     storage: str
     ingest_root: str
     workflow_defs: Path
+    runtime_targets: Path
 
     @classmethod
     def from_env(cls) -> ErgotSettings:
@@ -34,6 +35,9 @@ class ErgotSettings(BaseModel):
             ingest_root=os.environ.get("ERGOT_INGEST_ROOT", str(home / "ingest")),
             workflow_defs=Path(
                 os.environ.get("ERGOT_WORKFLOW_DEFS", PROJECT_ROOT / "workflow_defs")
+            ).expanduser(),
+            runtime_targets=Path(
+                os.environ.get("ERGOT_RUNTIME_TARGETS", PROJECT_ROOT / "runtime_targets.yaml")
             ).expanduser(),
         )
 

@@ -27,6 +27,9 @@ def plane_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ErgotSett
     monkeypatch.setenv("ERGOT_STORAGE", str(home / "artifacts"))
     monkeypatch.setenv("ERGOT_INGEST_ROOT", str(home / "ingest"))
     monkeypatch.setenv("ERGOT_WORKFLOW_DEFS", str(PROJECT_ROOT / "workflow_defs"))
+    monkeypatch.setenv("ERGOT_RUNTIME_TARGETS", str(PROJECT_ROOT / "runtime_targets.yaml"))
+    # Transient failures are still retried, but tests need not wait seconds between attempts.
+    monkeypatch.setenv("ERGOT_STEP_RETRY_DELAY_S", "0.2")
     return ErgotSettings.from_env()
 
 
@@ -51,6 +54,8 @@ def subprocess_env(plane: ErgotSettings) -> dict[str, str]:
             "ERGOT_STORAGE": plane.storage,
             "ERGOT_INGEST_ROOT": plane.ingest_root,
             "ERGOT_WORKFLOW_DEFS": str(plane.workflow_defs),
+        "ERGOT_RUNTIME_TARGETS": str(plane.runtime_targets),
+        "ERGOT_STEP_RETRY_DELAY_S": os.environ.get("ERGOT_STEP_RETRY_DELAY_S", "0.2"),
         }
     )
     return env

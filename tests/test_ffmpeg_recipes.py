@@ -18,9 +18,11 @@ from ergot_dagster.media.probe import ProbeSummary, probe
 from ergot_dagster.media.synth import make_audio, make_clip, make_corrupt, make_image
 from ergot_dagster.resources.ffmpeg.adapter import FFmpegRuntime
 from ergot_dagster.resources.runtime import StageFile, StageRequest, StageResult
+from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
 
 LOG = logging.getLogger("test")
+FFMPEG_LOCAL = RuntimeTarget(name="ffmpeg-local", runtime="ffmpeg")
 
 
 def run_recipe(
@@ -38,6 +40,7 @@ def run_recipe(
         params=params or {},
         workdir=workdir,
         timeout_s=timeout_s,
+        target=FFMPEG_LOCAL,
     )
     return FFmpegRuntime().run_stage(request, LOG)
 

@@ -9,10 +9,11 @@ from ergot_dagster.resources.runtime import (
     registered_runtimes,
     resource_key,
 )
+from ergot_dagster.resources.studio.adapter import StudioRuntime
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
 # Importing an adapter module registers it; list them here so the registry is complete.
-BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (FFmpegRuntime,)
+BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (FFmpegRuntime, StudioRuntime)
 
 
 def runtime_resources(registry: WorkflowRegistry) -> dict[str, RuntimeAdapter]:

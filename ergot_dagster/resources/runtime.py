@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +20,16 @@ from dagster import ConfigurableResource
 from pydantic import BaseModel, ConfigDict, Field
 
 from ergot_dagster.media.probe import ProbeSummary
+from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
+
+# progress(fraction 0..1 or None if unknown, a short message). Adapters call it as often as they
+# like; the plane throttles what it records.
+ProgressReporter = Callable[[float | None, str], None]
+
+
+def no_progress(fraction: float | None, message: str) -> None:
+    """A progress reporter that records nothing (for direct calls and tests)."""
 
 
 class StageFile(BaseModel):
@@ -47,6 +57,8 @@ class StageRequest(BaseModel):
     )
     workdir: Path
     timeout_s: float
+    target: RuntimeTarget = Field(description="the target the stage was routed to")
+    progress: ProgressReporter = Field(default=no_progress, exclude=True)
 
 
 class StageResult(BaseModel):
@@ -70,25 +82,29 @@ class HealthReport(BaseModel):
 
 
 class RuntimeAdapter(ConfigurableResource, ABC):
-    """Base of every runtime adapter. Subclasses set `runtime_type` and implement `run_stage`."""
+    """Base of every runtime adapter. Subclasses set `runtime_type` and implement `run_stage`.
+
+    One adapter instance serves every target of its runtime type; the target a stage was routed
+    to (its endpoint, credentials, limits) arrives in `StageRequest.target`.
+    """
 
     runtime_type: ClassVar[str]
-    target_name: str = Field(default="", description="name of the runtime target this is")
     default_timeout_s: float = Field(
         default=3600.0, gt=0, description="bound on a stage that sets no timeout_s"
     )
 
-    @property
-    def target(self) -> str:
-        return self.target_name or f"{self.runtime_type}-local"
-
     @abstractmethod
     def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
-        """Run one stage, writing outputs under `request.workdir`; `RuntimeFailure` on error."""
+        """Run one stage, writing outputs under `request.workdir`; `RuntimeFailure` on error.
+
+        Every wait is bounded by `request.timeout_s`. If the wait is interrupted (the run was
+        cancelled: a `KeyboardInterrupt` or Dagster's interrupt arrives), cancel the job on the
+        runtime before letting the exception go on.
+        """
 
     @abstractmethod
-    def health(self) -> HealthReport:
-        """Probe the runtime without doing any work."""
+    def health(self, target: RuntimeTarget) -> HealthReport:
+        """Probe `target` without doing any work."""
 
     @classmethod
     def validate_stage(cls, stage: StageSpec) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef, RuntimeInfo, SetMember
 from ergot_dagster.artifacts.store import ArtifactStore
-from ergot_dagster.errors import PermanentRuntimeError
+from ergot_dagster.errors import ErgotError, PermanentRuntimeError, RuntimeFailure
 from ergot_dagster.media.sniff import verify_media_type
+from ergot_dagster.orchestration.events import RunEvents
 from ergot_dagster.refs import artifact_ref
 from ergot_dagster.resources.runtime import (
     RuntimeAdapter,
@@ -29,6 +30,7 @@ from ergot_dagster.resources.runtime import (
     StageRequest,
     StageResult,
 )
+from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec, WorkflowDefinition, parse_binding
 
 
@@ -49,14 +51,56 @@ class _StageOutcome:
 
 @dataclass(frozen=True)
 class StoredArtifact:
-    """An artifact just stored, with what its stage reported (timings, job ids, choices made)."""
+    """An artifact ready for the run's record, with what its stage reported.
+
+    `reused` is true when the artifact was stored by an earlier attempt of this run or by the run
+    this one retries; its bytes and manifest are not written again.
+    """
 
     manifest: ArtifactManifest
     stage_metadata: dict[str, Any]
+    reused: bool = False
 
 
-class MissingArtifactsError(PermanentRuntimeError):
-    """The plan finished but required artifacts were not produced."""
+class PlanFailure(RuntimeFailure):
+    """Some selected artifacts could not be produced. Others may have been: see `failures`.
+
+    Transient when any cause was transient, since trying again could then produce what is missing
+    (and artifacts already stored are reused, not made twice).
+    """
+
+    def __init__(self, failures: dict[str, ErgotError]) -> None:
+        self.failures = failures
+        by_cause: dict[int, list[str]] = {}
+        for artifact, error in failures.items():
+            by_cause.setdefault(id(error), []).append(artifact)
+        parts = []
+        for artifacts in by_cause.values():
+            error = failures[artifacts[0]]
+            parts.append(f"{', '.join(sorted(artifacts))}: {error}")
+        super().__init__(
+            "; ".join(parts),
+            job_id=next(
+                (
+                    getattr(e, "job_id", None)
+                    for e in failures.values()
+                    if getattr(e, "job_id", None)
+                ),
+                None,
+            ),
+        )
+        self.transient = any(getattr(e, "transient", False) for e in failures.values())
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per artifact: the error class, message and whether retrying could help."""
+        return {
+            artifact: {
+                "error_type": type(error).__name__,
+                "message": str(error),
+                "retryable": bool(getattr(error, "transient", False)),
+            }
+            for artifact, error in sorted(self.failures.items())
+        }
 
 
 def needed_stages(definition: WorkflowDefinition, selected: set[str]) -> list[StageSpec]:
@@ -180,6 +224,60 @@ def store_artifact(
     return manifest
 
 
+def _consumed_outputs(stages: list[StageSpec]) -> set[str]:
+    """`stage.output` keys that a later stage among `stages` takes as input."""
+    consumed = set()
+    for stage in stages:
+        for value in stage.inputs.values():
+            binding = parse_binding(value)
+            if binding and binding.scope == "stages":
+                consumed.add(".".join(binding.path))
+    return consumed
+
+
+def _stage_inputs(
+    stage: StageSpec, inputs: dict[str, WorkflowInput], outcome: _StageOutcome
+) -> tuple[dict[str, StageFile | list[StageFile]], list[ParentRef]]:
+    stage_inputs: dict[str, StageFile | list[StageFile]] = {}
+    parents: list[ParentRef] = []
+    for key, value in stage.inputs.items():
+        binding = parse_binding(value)
+        assert binding is not None  # the model only admits bindings here
+        if binding.scope == "inputs":
+            bound = inputs.get(binding.path[0])
+            if bound is None:  # an optional input the request did not give
+                continue
+            stage_inputs[key] = bound.files
+            parents.extend(bound.parents)
+        else:
+            output_key = ".".join(binding.path)
+            if output_key not in outcome.files:
+                raise PermanentRuntimeError(
+                    f"stage {stage.id!r} needs {value}, which the earlier stage did not produce"
+                )
+            stage_inputs[key] = outcome.files[output_key]
+            parents.extend(outcome.parents[output_key])
+    return stage_inputs, _unique(parents)
+
+
+def _stored_files(store: ArtifactStore, manifest: ArtifactManifest) -> StageFile | list[StageFile]:
+    if manifest.kind == "set":
+        return [
+            StageFile(path=store.local_path(m.uri), media_type=m.media_type)
+            for m in manifest.members
+        ]
+    return StageFile(path=store.local_path(manifest.uri), media_type=manifest.media_type)
+
+
+def _upstream_stages(stage: StageSpec) -> set[str]:
+    upstream = set()
+    for value in stage.inputs.values():
+        binding = parse_binding(value)
+        if binding and binding.scope == "stages":
+            upstream.add(binding.path[0])
+    return upstream
+
+
 def execute_plan(
     *,
     definition: WorkflowDefinition,
@@ -187,67 +285,127 @@ def execute_plan(
     inputs: dict[str, WorkflowInput],
     selected: set[str],
     adapters: dict[str, RuntimeAdapter],
+    targets: dict[str, RuntimeTarget],
     store: ArtifactStore,
     run_id: str,
     source_ref: str,
-    log: logging.Logger,
+    events: RunEvents,
+    reusable: dict[str, ArtifactManifest] | None = None,
 ) -> Iterator[StoredArtifact]:
-    """Run the stages needed for `selected` and yield each artifact once stored.
+    """Run the stages needed for `selected`, yielding each artifact as soon as it is stored.
 
-    Raises after yielding what was produced if a stage fails or a required artifact is missing.
+    `reusable` holds artifacts this request already stored (an earlier attempt of the run, or
+    the run it retries): a stage whose needed outputs all exist there is not run again. A stage
+    that fails fails only its own artifacts and the stages that depend on it; independent stages
+    still run. At the end, `PlanFailure` names every artifact that could not be produced.
     """
+    reusable = reusable or {}
+    stages = needed_stages(definition, selected)
+    consumed = _consumed_outputs(stages)
     outcome = _StageOutcome()
     stored: dict[str, ArtifactManifest] = {}
+    failures: dict[str, ErgotError] = {}
+    failed_stages: dict[str, ErgotError] = {}
     with store.scratch_dir(run_id) as workdir:
-        for stage in needed_stages(definition, selected):
+        for stage in stages:
             runtime_type = stage.runtime or definition.runtime
-            adapter = adapters[runtime_type]
-            stage_inputs: dict[str, StageFile | list[StageFile]] = {}
-            stage_parents: list[ParentRef] = []
-            for key, value in stage.inputs.items():
-                binding = parse_binding(value)
-                assert binding is not None  # the model only admits bindings here
-                if binding.scope == "inputs":
-                    bound = inputs.get(binding.path[0])
-                    if bound is None:  # an optional input the request did not give
-                        continue
-                    stage_inputs[key] = bound.files
-                    stage_parents.extend(bound.parents)
-                else:
-                    output_key = ".".join(binding.path)
-                    if output_key not in outcome.files:
-                        raise PermanentRuntimeError(
-                            f"stage {stage.id!r} needs {value}, which the earlier stage did not "
-                            "produce"
+            mine = {a for a in stage.outputs.values() if a is not None and a in selected}
+            broken = _upstream_stages(stage) & set(failed_stages)
+            if broken:
+                cause = failed_stages[sorted(broken)[0]]
+                error = PermanentRuntimeError(f"not run: stage {sorted(broken)[0]!r} failed")
+                error.transient = getattr(cause, "transient", False)
+                failed_stages[stage.id] = error
+                failures.update(dict.fromkeys(mine, error))
+                continue
+
+            wanted = {
+                output
+                for output, artifact in stage.outputs.items()
+                if (artifact is not None and artifact in selected)
+                or f"{stage.id}.{output}" in consumed
+            }
+            reused = {
+                output: reusable[artifact]
+                for output, artifact in stage.outputs.items()
+                if artifact is not None and artifact in reusable
+            }
+            if wanted and wanted <= set(reused):
+                # Everything this stage would give is already stored for this request.
+                for output, manifest in reused.items():
+                    key = f"{stage.id}.{output}"
+                    outcome.files[key] = _stored_files(store, manifest)
+                    outcome.parents[key] = [
+                        ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256)
+                    ]
+                    if manifest.name in selected:
+                        stored[manifest.name] = manifest
+                        yield StoredArtifact(
+                            manifest=manifest,
+                            reused=True,
+                            stage_metadata={"stage": stage.id, "reused_from_run": manifest.run_id},
                         )
-                    stage_inputs[key] = outcome.files[output_key]
-                    stage_parents.extend(outcome.parents[output_key])
-            stage_parents = _unique(stage_parents)
-            stage_dir = workdir / stage.id
-            stage_dir.mkdir()
+                events.emit(
+                    "stage_reused",
+                    f"stage {stage.id}: not run again, its outputs are already stored",
+                    stage=stage.id,
+                    artifacts=sorted(m.ref for m in reused.values()),
+                )
+                continue
+
+            target = targets[runtime_type]
+            adapter = adapters[runtime_type]
             timeout_s = stage.timeout_s or adapter.default_timeout_s
-            log.info(
-                f"stage {stage.id}: {runtime_type} {stage.operation or 'template'} on "
-                f"{adapter.target} (timeout {timeout_s:g} s)"
-            )
             started = time.monotonic()
-            result = adapter.run_stage(
-                StageRequest(
-                    workflow=definition.ref,
-                    stage=stage,
-                    run_id=run_id,
-                    inputs=stage_inputs,
-                    params=resolve_params(stage, settings, inputs),
-                    output_types={
-                        out: definition.outputs[art].media_type
-                        for out, art in stage.outputs.items()
-                        if art is not None
-                    },
-                    workdir=stage_dir,
+            try:
+                stage_inputs, stage_parents = _stage_inputs(stage, inputs, outcome)
+                stage_dir = workdir / stage.id
+                stage_dir.mkdir(exist_ok=True)
+                events.emit(
+                    "stage_started",
+                    f"stage {stage.id} started: {runtime_type} {stage.operation or 'template'} "
+                    f"on {target.name} (timeout {timeout_s:g} s)",
+                    stage=stage.id,
+                    runtime=runtime_type,
+                    target=target.name,
+                    operation=stage.operation,
                     timeout_s=timeout_s,
-                ),
-                log,
-            )
+                )
+                result = adapter.run_stage(
+                    StageRequest(
+                        workflow=definition.ref,
+                        stage=stage,
+                        run_id=run_id,
+                        inputs=stage_inputs,
+                        params=resolve_params(stage, settings, inputs),
+                        output_types={
+                            out: definition.outputs[art].media_type
+                            for out, art in stage.outputs.items()
+                            if art is not None
+                        },
+                        workdir=stage_dir,
+                        timeout_s=timeout_s,
+                        target=target,
+                        progress=events.progress_reporter(stage.id),
+                    ),
+                    logging.getLogger(f"ergot.stage.{stage.id}"),
+                )
+            except ErgotError as exc:
+                failed_stages[stage.id] = exc
+                failures.update(dict.fromkeys(mine, exc))
+                events.emit(
+                    "stage_failed",
+                    f"stage {stage.id} failed after {time.monotonic() - started:.2f} s: {exc}",
+                    stage=stage.id,
+                    runtime=runtime_type,
+                    target=target.name,
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    retryable=bool(getattr(exc, "transient", False)),
+                    job_id=getattr(exc, "job_id", None),
+                    elapsed_s=round(time.monotonic() - started, 3),
+                )
+                continue
             report = {
                 "stage": stage.id,
                 "runtime": runtime_type,
@@ -257,13 +415,27 @@ def execute_plan(
                 "outputs": sorted(result.outputs),
                 **result.metadata,
             }
-            # One structured line per stage: what ran where, how long, and what it decided.
-            log.info(f"stage {stage.id} done: {json.dumps(report, default=str)}")
+            events.emit(
+                "stage_finished",
+                f"stage {stage.id} finished in {report['elapsed_s']:.2f} s (job {result.job_id})",
+                **report,
+            )
             for output, artifact in stage.outputs.items():
+                key = f"{stage.id}.{output}"
+                if artifact is not None and artifact in reusable:
+                    # Stored by an earlier attempt: keep those bytes, so lineage stays true.
+                    manifest = reusable[artifact]
+                    outcome.files[key] = _stored_files(store, manifest)
+                    outcome.parents[key] = [
+                        ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256)
+                    ]
+                    if artifact in selected:
+                        stored[artifact] = manifest
+                        yield StoredArtifact(manifest=manifest, stage_metadata=report, reused=True)
+                    continue
                 produced = result.outputs.get(output)
                 if produced is None:
                     continue
-                key = f"{stage.id}.{output}"
                 media_type = (
                     definition.outputs[artifact].media_type
                     if artifact
@@ -277,30 +449,53 @@ def execute_plan(
                 outcome.parents[key] = stage_parents
                 if artifact is None or artifact not in selected:
                     continue
-                manifest = store_artifact(
-                    store=store,
-                    definition=definition,
-                    artifact=artifact,
-                    produced=produced,
-                    run_id=run_id,
-                    source_ref=source_ref,
-                    parents=stage_parents,
-                    result=result,
-                    stage=stage,
-                )
+                try:
+                    manifest = store_artifact(
+                        store=store,
+                        definition=definition,
+                        artifact=artifact,
+                        produced=produced,
+                        run_id=run_id,
+                        source_ref=source_ref,
+                        parents=stage_parents,
+                        result=result,
+                        stage=stage,
+                    )
+                except ErgotError as exc:
+                    failures[artifact] = exc
+                    # A later stage must not consume what could not be stored.
+                    outcome.files.pop(key, None)
+                    events.emit(
+                        "artifact_failed",
+                        f"artifact {artifact} failed: {exc}",
+                        artifact=artifact,
+                        stage=stage.id,
+                        error_type=type(exc).__name__,
+                        error=str(exc),
+                    )
+                    continue
                 stored[artifact] = manifest
                 # Later stages that consume this output descend from the artifact itself.
                 outcome.parents[key] = [
                     ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256)
                 ]
+                events.emit(
+                    "artifact_stored",
+                    f"artifact {artifact} stored: {manifest.ref}",
+                    artifact=artifact,
+                    ref=manifest.ref,
+                    sha256=manifest.sha256,
+                    size=manifest.size,
+                    media_type=manifest.media_type,
+                )
                 yield StoredArtifact(manifest=manifest, stage_metadata=report)
-    missing = sorted(
-        name for name in selected if definition.outputs[name].required and name not in stored
-    )
-    if missing:
-        raise MissingArtifactsError(
-            f"{definition.spec} finished without the required artifact(s) {', '.join(missing)}"
-        )
+    for name in sorted(selected - set(stored) - set(failures)):
+        if definition.outputs[name].required:
+            failures[name] = PermanentRuntimeError(
+                f"required artifact {name!r} was not produced by its stage"
+            )
+    if failures:
+        raise PlanFailure(failures)
 
 
 def _unique(parents: list[ParentRef]) -> list[ParentRef]:

@@ -176,3 +176,17 @@ def publish(root: Path) -> list[WorkflowDefinition]:
     if new:
         lock.write(lock_path)
     return [item.definition for item in new]
+
+
+_cache: dict[tuple[str, int], WorkflowRegistry] = {}
+
+
+def cached_registry(root: Path) -> WorkflowRegistry:
+    """`load_registry`, re-read only when the lock changes (published files never do)."""
+    lock = root / LOCK_FILENAME
+    key = (str(root), lock.stat().st_mtime_ns if lock.exists() else 0)
+    if key not in _cache:
+        registry = load_registry(root)
+        _cache.clear()
+        _cache[key] = registry
+    return _cache[key]

@@ -16,6 +16,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
     DataVersion,
     Failure,
     MaterializeResult,
@@ -27,13 +29,22 @@ from ergot_dagster.artifacts.metadata import manifest_metadata
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.checks import get_evaluator
 from ergot_dagster.errors import ErgotError, RuntimeFailure
+from ergot_dagster.orchestration import tags as T
+from ergot_dagster.orchestration.events import DagsterRunEvents
+from ergot_dagster.orchestration.worker import current_worker
 from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
 from ergot_dagster.resources.runtime import RuntimeAdapter, resource_key
-from ergot_dagster.workflows.execute import execute_plan
+from ergot_dagster.targets.model import RuntimeTarget
+from ergot_dagster.targets.routing import route, runtime_types, targets_from_tags
+from ergot_dagster.workflows.execute import PlanFailure, execute_plan
 from ergot_dagster.workflows.inputs import bind_inputs
 from ergot_dagster.workflows.model import CheckSpec, WorkflowDefinition, parse_binding
 from ergot_dagster.workflows.registry import WorkflowRegistry
+from ergot_dagster.workflows.run_config import op_name
 from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
+
+# How far back a retry chain is followed for artifacts to reuse.
+MAX_RETRY_CHAIN = 20
 
 
 def artifact_key(definition: WorkflowDefinition, artifact: str) -> AssetKey:
@@ -49,6 +60,8 @@ def _failure(exc: BaseException, definition: WorkflowDefinition | None) -> Failu
     job_id = getattr(exc, "job_id", None)
     if job_id:
         metadata["job_id"] = job_id
+    if isinstance(exc, PlanFailure):
+        metadata["failed_artifacts"] = MetadataValue.json(exc.summary())
     prefix = f"{definition.spec}: " if definition else ""
     return Failure(description=f"{prefix}{exc}", metadata=metadata, allow_retries=transient)
 
@@ -90,6 +103,66 @@ def _evaluate_check(
     )
 
 
+def _run_chain(instance: DagsterInstance, run_id: str) -> list[str]:
+    """This run and the runs it retries, newest first (Dagster links them by parent run id)."""
+    chain = [run_id]
+    run = instance.get_run_by_id(run_id)
+    while run is not None and run.parent_run_id and len(chain) < MAX_RETRY_CHAIN:
+        chain.append(run.parent_run_id)
+        run = instance.get_run_by_id(run.parent_run_id)
+    return chain
+
+
+def _reusable(
+    instance: DagsterInstance,
+    store: ArtifactStore,
+    definition: WorkflowDefinition,
+    source_ref: str,
+    run_id: str,
+) -> dict[str, ArtifactManifest]:
+    """Artifacts this request already stored: an earlier attempt of this run, or a retried run."""
+    reusable: dict[str, ArtifactManifest] = {}
+    for chain_run in _run_chain(instance, run_id):
+        for manifest in store.list_run(chain_run):
+            if manifest.workflow == definition.ref and manifest.source_ref == source_ref:
+                reusable.setdefault(manifest.name, manifest)
+    return reusable
+
+
+def _already_recorded(
+    instance: DagsterInstance,
+    definition: WorkflowDefinition,
+    manifest: ArtifactManifest,
+    partition_key: str,
+) -> bool:
+    """Whether a materialization of exactly this artifact is already in the event log."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(
+            asset_key=artifact_key(definition, manifest.name), asset_partitions=[partition_key]
+        ),
+        limit=MAX_RETRY_CHAIN * 2,
+    ).records
+    for record in records:
+        materialization = record.asset_materialization
+        ref = materialization.metadata.get("ref") if materialization else None
+        if ref is not None and getattr(ref, "value", ref) == manifest.ref:
+            return True
+    return False
+
+
+def _targets(
+    context: AssetExecutionContext, definition: WorkflowDefinition
+) -> dict[str, RuntimeTarget]:
+    """The run's routing from its tags (set when it was queued), else routed here and now."""
+    config = context.resources.runtime_targets.get()
+    tags = context.run.tags
+    routed = targets_from_tags(dict(tags), config)
+    if any(runtime not in routed for runtime in runtime_types(definition)):
+        fresh = route(definition, config, tags.get(T.EXECUTION_TARGET, "local"))
+        routed = {**fresh, **routed}
+    return routed
+
+
 def materialize_workflow(
     context: AssetExecutionContext, registry: WorkflowRegistry, name: str
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
@@ -116,14 +189,21 @@ def materialize_workflow(
         )
         adapters: dict[str, RuntimeAdapter] = {
             runtime: getattr(context.resources, resource_key(runtime))
-            for runtime in {stage.runtime or definition.runtime for stage in definition.plan}
+            for runtime in runtime_types(definition)
         }
+        targets = _targets(context, definition)
     except (ErgotError, SettingsError, InvalidRefError) as exc:
         # Nothing has run yet: a bad request fails here, clearly, and is never retried.
         raise _failure(exc, definition) from None
 
+    # Run monitoring asks the run launcher whether this process is still alive.
+    context.instance.add_run_tags(context.run_id, {T.WORKER: current_worker()})
+    events = DagsterRunEvents(context.instance, context.run_id, op_name(definition))
+    reusable = _reusable(context.instance, store, definition, source_ref, context.run_id)
     context.log.info(
-        f"{definition.ref} for {source_ref!r}: artifacts {sorted(selected)}, settings {settings}"
+        f"{definition.ref} for {source_ref!r}: artifacts {sorted(selected)}, settings {settings}, "
+        f"targets { {r: t.name for r, t in targets.items()} }"
+        + (f", reusing {sorted(reusable)}" if reusable else "")
     )
     selected_checks = {key.name for key in context.selected_asset_check_keys}
     try:
@@ -133,12 +213,25 @@ def materialize_workflow(
             inputs=inputs,
             selected=selected,
             adapters=adapters,
+            targets=targets,
             store=store,
             run_id=context.run_id,
             source_ref=source_ref,
-            log=context.log,  # type: ignore[arg-type]
+            events=events,
+            reusable=reusable,
         ):
             manifest = stored.manifest
+            if stored.reused and _already_recorded(
+                context.instance, definition, manifest, context.partition_key
+            ):
+                events.emit(
+                    "artifact_reused",
+                    f"artifact {manifest.name}: {manifest.ref}, already recorded",
+                    artifact=manifest.name,
+                    ref=manifest.ref,
+                    sha256=manifest.sha256,
+                )
+                continue
             metadata = manifest_metadata(manifest)
             if stored.stage_metadata:
                 metadata["stage_metadata"] = MetadataValue.json(stored.stage_metadata)

@@ -23,6 +23,7 @@ from ergot_dagster.resources.runtime import (
     StageResult,
     register_runtime,
 )
+from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
 
 
@@ -59,7 +60,7 @@ class FFmpegRuntime(RuntimeAdapter):
         output = recipe(context)
         return StageResult(
             outputs=output.outputs,
-            target=self.target,
+            target=request.target.name,
             job_id=f"pid:{context.pids[-1]}" if context.pids else None,
             metadata={"ffmpeg_pids": context.pids, **output.metadata},
         )
@@ -73,7 +74,7 @@ class FFmpegRuntime(RuntimeAdapter):
                 f"ffmpeg has no recipe {stage.operation!r} (known: {', '.join(recipe_names())})"
             )
 
-    def health(self) -> HealthReport:
+    def health(self, target: RuntimeTarget) -> HealthReport:
         binary = ffmpeg_available(self.ffmpeg_path)
         if binary is None:
             return HealthReport(healthy=False, detail=f"{self.ffmpeg_path} not found on PATH")

@@ -1,0 +1,211 @@
+"""The typed client over Dagster's GraphQL API: submit a request, follow and cancel its run.
+
+Submission plans the run with `requests.planning.plan_run` (the one path every entry point
+takes) and launches it with its request-derived run id: a request id accepted before returns the
+existing run, also when two submissions race, because Dagster refuses a second run with the same
+id.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ergot_dagster.client.errors import (
+    LaunchError,
+    RequestConflictError,
+    RequestRejectedError,
+    UnknownRunError,
+)
+from ergot_dagster.client.graphql import GraphQLTransport
+from ergot_dagster.client.models import RunHandle, RunStatus
+from ergot_dagster.errors import ErgotError
+from ergot_dagster.orchestration import tags as T
+from ergot_dagster.requests.model import ProcessingRequest
+from ergot_dagster.requests.planning import RequestCatalog, RunPlan, plan_run
+
+LOCATION = "ergot"
+REPOSITORY = "__repository__"
+
+_RUN_FIELDS = """
+  runId status creationTime startTime endTime parentRunId rootRunId
+  tags { key value }
+"""
+
+RUN_QUERY = f"""
+query Run($runId: ID!) {{
+  runOrError(runId: $runId) {{
+    __typename
+    ... on Run {{ {_RUN_FIELDS} }}
+    ... on RunNotFoundError {{ message }}
+    ... on PythonError {{ message }}
+  }}
+}}"""
+
+LAUNCH_MUTATION = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on RunConflict { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on PythonError { message className }
+    ... on Error { message }
+  }
+}"""
+
+TERMINATE_MUTATION = """
+mutation Terminate($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunSuccess { run { runId status } }
+    ... on TerminateRunFailure { message }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+    ... on Error { message }
+  }
+}"""
+
+
+def _time(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=UTC) if value else None
+
+
+def _status(run: dict[str, Any]) -> RunStatus:
+    tags = {t["key"]: t["value"] for t in run.get("tags") or []}
+    return RunStatus(
+        run_id=run["runId"],
+        request_id=tags.get(T.REQUEST_ID),
+        workflow=tags.get(T.WORKFLOW),
+        status=run["status"],
+        priority=int(tags.get(T.PRIORITY, "0") or 0),
+        tags=tags,
+        created_at=_time(run.get("creationTime")),
+        started_at=_time(run.get("startTime")),
+        ended_at=_time(run.get("endTime")),
+        parent_run_id=run.get("parentRunId"),
+        root_run_id=run.get("rootRunId"),
+    )
+
+
+class ErgotClient:
+    """A client of one plane, at `base_url` (the Dagster webserver)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        catalog: RequestCatalog,
+        timeout_s: float = 30.0,
+        location: str = LOCATION,
+        repository: str = REPOSITORY,
+    ) -> None:
+        self._gql = GraphQLTransport(base_url, timeout_s=timeout_s)
+        self._catalog = catalog
+        self._location = location
+        self._repository = repository
+
+    def close(self) -> None:
+        self._gql.close()
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _find_run(self, run_id: str) -> RunStatus | None:
+        result = self._gql.execute(RUN_QUERY, {"runId": run_id})["runOrError"]
+        if result["__typename"] == "Run":
+            return _status(result)
+        if result["__typename"] == "RunNotFoundError":
+            return None
+        raise LaunchError(result.get("message", "unexpected answer"))
+
+    def status(self, run_id: str) -> RunStatus:
+        """Where run `run_id` stands; `UnknownRunError` if there is no such run."""
+        found = self._find_run(run_id)
+        if found is None:
+            raise UnknownRunError(f"unknown run {run_id!r}")
+        return found
+
+    def wait(self, run_id: str, timeout_s: float, poll_s: float = 0.5) -> RunStatus:
+        """Poll until the run finishes or `timeout_s` passes (then `TimeoutError`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(run_id)
+            if status.finished:
+                return status
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {status.status} after {timeout_s:g} s")
+            time.sleep(poll_s)
+
+    def cancel(self, run_id: str) -> RunStatus:
+        """Cancel a queued run (it never starts) or a running one (it ends CANCELED)."""
+        result = self._gql.execute(TERMINATE_MUTATION, {"runId": run_id})["terminateRun"]
+        kind = result["__typename"]
+        if kind == "RunNotFoundError":
+            raise UnknownRunError(f"unknown run {run_id!r}")
+        if kind != "TerminateRunSuccess":
+            current = self.status(run_id)
+            if current.finished:
+                return current
+            raise LaunchError(f"could not cancel run {run_id}: {result.get('message', kind)}")
+        return self.status(run_id)
+
+    # -- submission ------------------------------------------------------------------------
+
+    def plan(self, request: ProcessingRequest) -> RunPlan:
+        try:
+            return plan_run(request, self._catalog)
+        except ErgotError as exc:
+            raise RequestRejectedError(str(exc)) from exc
+
+    def _existing(self, plan: RunPlan, request: ProcessingRequest) -> RunHandle | None:
+        found = self._find_run(plan.run_id)
+        if found is None:
+            return None
+        if found.tags.get(T.REQUEST_SHA256) != request.sha256:
+            raise RequestConflictError(
+                f"request id {request.request_id!r} was already used for a different request "
+                f"(run {plan.run_id}); use a new request id"
+            )
+        return RunHandle(
+            run_id=found.run_id, request_id=request.request_id, status=found.status, existing=True
+        )
+
+    def submit(self, request: ProcessingRequest) -> RunHandle:
+        """Queue `request` as one run, or return the run it already has."""
+        plan = self.plan(request)
+        existing = self._existing(plan, request)
+        if existing is not None:
+            return existing
+        params = {
+            "selector": {
+                "repositoryLocationName": self._location,
+                "repositoryName": self._repository,
+                "jobName": plan.job_name,
+                "assetSelection": [{"path": key} for key in plan.asset_keys],
+                "assetCheckSelection": [
+                    {"assetKey": {"path": key}, "name": name} for key, name in plan.check_keys
+                ],
+            },
+            "runConfigData": plan.run_config,
+            "executionMetadata": {
+                "runId": plan.run_id,
+                "tags": [{"key": k, "value": v} for k, v in plan.tags.items()],
+            },
+        }
+        result = self._gql.execute(LAUNCH_MUTATION, {"params": params})["launchRun"]
+        if result["__typename"] == "LaunchRunSuccess":
+            return RunHandle(
+                run_id=result["run"]["runId"],
+                request_id=request.request_id,
+                status=result["run"]["status"],
+            )
+        # Another submission of the same request may have won the race: that run is ours.
+        existing = self._existing(plan, request)
+        if existing is not None:
+            return existing
+        errors = result.get("errors") or []
+        detail = (
+            "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]
+        )
+        raise LaunchError(f"Dagster did not launch the run: {detail}")

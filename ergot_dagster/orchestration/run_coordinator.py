@@ -1,0 +1,105 @@
+"""The run queue: Dagster's QueuedRunCoordinator, told about runtime targets.
+
+Two additions, both feeding Dagster's own mechanisms:
+
+- at submission, each run is routed (`targets.routing`) and tagged `ergot/target.<name>` for every
+  target it will use, whether it came from a request, the UI or a sensor;
+- the queue's tag concurrency limits include one limit per target, from its `concurrency`, so a
+  target's limit holds across all runs and a run waiting for a slot stays visibly QUEUED.
+
+A run that no target can serve is failed at once with the reason, instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dagster import AssetKey, DagsterInstance
+from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
+from dagster._core.run_coordinator.queued_run_coordinator import RunQueueConfig
+from dagster._core.storage.dagster_run import DagsterRun
+
+from ergot_dagster.errors import ErgotError
+from ergot_dagster.orchestration import tags as T
+from ergot_dagster.settings import ErgotSettings
+from ergot_dagster.targets.config import cached_targets
+from ergot_dagster.targets.model import RuntimeTarget
+from ergot_dagster.targets.routing import TARGET_TAG_PREFIX, route, routing_tags
+from ergot_dagster.workflows.loader import cached_registry
+from ergot_dagster.workflows.model import WorkflowDefinition
+from ergot_dagster.workflows.run_config import op_name
+
+logger = logging.getLogger("ergot.run_coordinator")
+
+
+def workflows_of_run(run: DagsterRun, settings: ErgotSettings) -> list[WorkflowDefinition]:
+    """The workflow versions a run materializes, from its asset selection and op config."""
+    registry = cached_registry(settings.workflow_defs)
+    keys: set[AssetKey] = set(run.asset_selection or [])
+    found: dict[str, WorkflowDefinition] = {}
+    for key in keys:
+        if len(key.path) != 3 or key.path[1] not in registry.names():
+            continue
+        latest = registry.latest(key.path[1])
+        if latest.family != key.path[0] or latest.name in found:
+            continue
+        op_config = ((run.run_config or {}).get("ops") or {}).get(op_name(latest)) or {}
+        version = (op_config.get("config") or {}).get("version")
+        found[latest.name] = registry.get(f"{latest.name}@{version}" if version else latest.name)
+    return list(found.values())
+
+
+def route_run(run: DagsterRun, settings: ErgotSettings) -> dict[str, RuntimeTarget]:
+    """Route every workflow in the run; `RoutingError` if one cannot be served."""
+    targets = cached_targets(settings.runtime_targets)
+    execution_target = run.tags.get(T.EXECUTION_TARGET, "local")
+    routed: dict[str, RuntimeTarget] = {}
+    for definition in workflows_of_run(run, settings):
+        for runtime, target in route(definition, targets, execution_target).items():
+            routed.setdefault(runtime, target)
+    return routed
+
+
+class ErgotRunCoordinator(QueuedRunCoordinator):
+    """QueuedRunCoordinator with per-target concurrency limits and routing at submission."""
+
+    def get_run_queue_config(self) -> RunQueueConfig:
+        config = super().get_run_queue_config()
+        try:
+            targets = cached_targets(ErgotSettings.from_env().runtime_targets).targets
+        except (ErgotError, OSError) as exc:
+            logger.warning(f"runtime targets unreadable, no per-target limits applied: {exc}")
+            return config
+        configured = {limit.get("key") for limit in config.tag_concurrency_limits}
+        limits: list[dict[str, Any]] = list(config.tag_concurrency_limits)
+        for target in targets:
+            if target.concurrency_tag not in configured:
+                limits.append({"key": target.concurrency_tag, "limit": target.concurrency})
+        return config._replace(tag_concurrency_limits=limits)
+
+    def submit_run(self, context: SubmitRunContext) -> DagsterRun:
+        run = context.dagster_run
+        already_routed = any(key.startswith(TARGET_TAG_PREFIX) for key in run.tags)
+        if run.status.value == "NOT_STARTED" and not already_routed:
+            failure = self._route(run)
+            if failure is not None:
+                instance: DagsterInstance = self._instance
+                instance.report_run_failed(run, failure)
+                reloaded = instance.get_run_by_id(run.run_id)
+                assert reloaded is not None
+                return reloaded
+            reloaded = self._instance.get_run_by_id(run.run_id)
+            assert reloaded is not None
+            context = SubmitRunContext(reloaded, context.workspace)
+        return super().submit_run(context)
+
+    def _route(self, run: DagsterRun) -> str | None:
+        """Tag the run with its targets; return the reason when it cannot be routed."""
+        try:
+            routed = route_run(run, ErgotSettings.from_env())
+        except ErgotError as exc:
+            return f"Cannot route this run: {exc}"
+        if routed:
+            self._instance.add_run_tags(run.run_id, routing_tags(routed))
+        return None

@@ -1,0 +1,1 @@
+"""Processing requests: what a consumer asks for, and how it becomes exactly one Dagster run."""

@@ -1,0 +1,98 @@
+"""The processing request: one consumer's ask, idempotent by its request id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ergot_dagster.refs import (
+    InvalidRefError,
+    is_artifact_ref,
+    parse_artifact_ref,
+    validate_source_ref,
+)
+
+REQUEST_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+WORKFLOW_SPEC = r"^[a-z][a-z0-9_]{0,63}(@[0-9]{1,9})?$"
+MAX_CONTEXT_BYTES = 16 * 1024
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+class RequestSources(BaseModel):
+    """The primary source (it becomes the run's partition) and any other named inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary: str = Field(description="a source ref: a path relative to the ingest root")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="input name -> a source ref or an artifact ref"
+    )
+
+    @field_validator("primary")
+    @classmethod
+    def _primary(cls, value: str) -> str:
+        try:
+            return validate_source_ref(value)
+        except InvalidRefError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, ref in value.items():
+            try:
+                if is_artifact_ref(ref):
+                    parse_artifact_ref(ref)
+                else:
+                    validate_source_ref(ref)
+            except InvalidRefError as exc:
+                raise ValueError(f"input {name!r}: {exc}") from None
+        return value
+
+
+class ProcessingRequest(BaseModel):
+    """A request to run one workflow on Ergot-managed media."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(pattern=REQUEST_ID, description="the idempotency key")
+    workflow: str = Field(pattern=WORKFLOW_SPEC, description="`name` or `name@version`")
+    sources: RequestSources
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="the consumer's own context, returned untouched"
+    )
+    settings: dict[str, Any] = Field(default_factory=dict)
+    execution_target: str = Field(
+        default="local",
+        pattern=r"^(local|remote|[a-z0-9][a-z0-9-]{0,47})$",
+        description="`local`, `remote`, or the name of a runtime target",
+    )
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
+    max_retries: int = Field(default=0, ge=0, le=10, description="new runs after a crashed one")
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_S, description="bound on the whole run"
+    )
+
+    @field_validator("context")
+    @classmethod
+    def _context_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > MAX_CONTEXT_BYTES:
+            raise ValueError(f"context is {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
+        return value
+
+    def canonical_json(self) -> str:
+        """The request as canonical JSON: equal requests give equal text."""
+        return json.dumps(
+            self.model_dump(mode="json"),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()

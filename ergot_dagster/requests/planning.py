@@ -1,0 +1,155 @@
+"""Turning a request into a run: the one function every entry point uses.
+
+`plan_run` checks the request against the catalog (the workflow and its settings schema, the
+sources and artifacts it names, where it may run) and returns exactly what Dagster needs to
+create the run: its id, asset selection, partition, run config and tags. The run id is derived
+from the request id, so Dagster's own uniqueness of run ids makes a request accepted only once,
+even when two submissions race.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.errors import RequestError, SourceError
+from ergot_dagster.media.probe import media_type_matches
+from ergot_dagster.orchestration import tags as T
+from ergot_dagster.refs import is_artifact_ref, ref_to_partition_key
+from ergot_dagster.requests.model import ProcessingRequest
+from ergot_dagster.sources.record import SourceRecord
+from ergot_dagster.targets.config import TargetsConfig
+from ergot_dagster.targets.routing import LOCALITIES, route
+from ergot_dagster.workflows.model import WorkflowDefinition
+from ergot_dagster.workflows.run_config import run_config_for
+from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
+
+# Fixed forever: changing it would let an old request id start a second run.
+REQUEST_NAMESPACE = uuid.UUID("6f1c1e0e-7b1d-5c8e-9a62-0e2b7c1d4a10")
+ASSET_JOB = "__ASSET_JOB"
+
+
+class RequestCatalog(Protocol):
+    """What planning needs to know about the plane; local and GraphQL-backed versions exist."""
+
+    def workflow(self, spec: str) -> WorkflowDefinition: ...
+
+    def source(self, ref: str) -> SourceRecord | None: ...
+
+    def artifact(self, ref: str) -> ArtifactManifest | None: ...
+
+    def targets(self) -> TargetsConfig | None: ...
+
+
+class RunPlan(BaseModel):
+    """Everything needed to create the request's run in Dagster."""
+
+    run_id: str
+    request_id: str
+    workflow: str
+    job_name: str = ASSET_JOB
+    asset_keys: list[list[str]]
+    check_keys: list[tuple[list[str], str]]
+    partition_key: str
+    run_config: dict
+    tags: dict[str, str]
+
+
+def run_id_for(request_id: str) -> str:
+    """The id of the first run of a request (its retries get ids of their own)."""
+    return str(uuid.uuid5(REQUEST_NAMESPACE, request_id))
+
+
+def _check_media(definition: WorkflowDefinition, name: str, ref: str, media_type: str) -> None:
+    accepted = definition.inputs[name].media_types
+    if not media_type_matches(media_type, accepted):
+        raise SourceError(
+            f"input {name!r} ({ref}) is {media_type}, but only {', '.join(accepted)} is accepted"
+        )
+
+
+def _check_sources(
+    request: ProcessingRequest, definition: WorkflowDefinition, catalog: RequestCatalog
+) -> None:
+    primary = definition.primary_input
+    record = catalog.source(request.sources.primary)
+    if record is None:
+        raise SourceError(
+            f"source {request.sources.primary!r} has not been ingested; ingest it first"
+        )
+    _check_media(definition, primary, request.sources.primary, record.media_type)
+    unknown = sorted(set(request.sources.inputs) - set(definition.inputs))
+    if unknown or primary in request.sources.inputs:
+        raise RequestError(
+            f"no input(s) named {', '.join(unknown or [primary + ' (it is the primary source)'])}"
+            f"; the other inputs of {definition.spec} are "
+            f"{', '.join(n for n in definition.inputs if n != primary) or 'none'}"
+        )
+    for name, ref in request.sources.inputs.items():
+        if is_artifact_ref(ref):
+            manifest = catalog.artifact(ref)
+            if manifest is None:
+                raise RequestError(f"input {name!r}: no artifact {ref}")
+            _check_media(definition, name, ref, manifest.media_type)
+        else:
+            other = catalog.source(ref)
+            if other is None:
+                raise SourceError(f"input {name!r}: source {ref!r} has not been ingested")
+            _check_media(definition, name, ref, other.media_type)
+
+
+def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
+    """Check `request` and plan its run; raise a `RequestError`/`SourceError` naming the problem."""
+    definition = catalog.workflow(request.workflow)
+    try:
+        validate_settings(definition.settings, request.settings)
+    except SettingsError as exc:
+        raise RequestError(f"{definition.spec}: invalid settings: {exc}") from exc
+    target = request.execution_target
+    wants_remote = target == "remote"
+    targets = catalog.targets()
+    if targets is not None and target not in LOCALITIES:
+        named = targets.get(target)
+        wants_remote = named is not None and named.locality.kind == "remote"
+    if wants_remote and not definition.execution.remote:
+        raise RequestError(f"{definition.spec} does not support remote execution")
+    if not wants_remote and not definition.execution.local:
+        raise RequestError(f"{definition.spec} does not support local execution")
+    if targets is not None:
+        route(definition, targets, target)  # raises, naming what each target lacked
+    _check_sources(request, definition, catalog)
+
+    tags = {
+        T.REQUEST_ID: request.request_id,
+        T.REQUEST: request.canonical_json(),
+        T.REQUEST_SHA256: request.sha256,
+        T.WORKFLOW: definition.spec,
+        T.SOURCE_REF: request.sources.primary,
+        T.EXECUTION_TARGET: target,
+        T.PARTITION: ref_to_partition_key(request.sources.primary),
+        T.PRIORITY: str(request.priority),
+        T.MAX_RETRIES: str(request.max_retries),
+        # A failed step was already retried by its retry policy when that could help; run
+        # retries are for runs whose worker died.
+        T.RETRY_ON_STEP_FAILURE: "false",
+    }
+    if request.timeout_s is not None:
+        tags[T.MAX_RUNTIME] = str(
+            int(request.timeout_s) if request.timeout_s.is_integer() else request.timeout_s
+        )
+    artifacts = list(definition.outputs)
+    return RunPlan(
+        run_id=run_id_for(request.request_id),
+        request_id=request.request_id,
+        workflow=definition.ref,
+        asset_keys=[[definition.family, definition.name, a] for a in artifacts],
+        check_keys=[
+            ([definition.family, definition.name, c.artifact], c.name) for c in definition.checks
+        ],
+        partition_key=ref_to_partition_key(request.sources.primary),
+        run_config=run_config_for(definition, request.settings, request.sources.inputs),
+        tags=tags,
+    )

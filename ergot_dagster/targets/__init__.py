@@ -1,0 +1,1 @@
+"""Runtime targets: the execution backends work is routed to, declared in configuration."""
