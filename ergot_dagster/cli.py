@@ -285,6 +285,157 @@ def run(
         _fail(f"run {outcome.run_id} {outcome.status}: {outcome.error or 'see the run log'}")
 
 
+# -- requests through the queue -------------------------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+
+
+def _client(settings: ErgotSettings) -> Any:
+    """A client of the plane at ERGOT_DAGSTER_URL, planning requests with the local catalog."""
+    from ergot_dagster.artifacts.store import open_store
+    from ergot_dagster.client import ErgotClient
+    from ergot_dagster.requests.catalog import LocalCatalog
+    from ergot_dagster.targets.config import load_targets
+    from ergot_dagster.workflows.loader import load_registry
+
+    catalog = LocalCatalog(
+        registry=load_registry(settings.workflow_defs),
+        instance=_instance(settings),
+        store=open_store(settings.storage),
+        targets=load_targets(settings.runtime_targets),
+    )
+    return ErgotClient(os.environ.get("ERGOT_DAGSTER_URL", DEFAULT_URL), catalog=catalog)
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    from ergot_dagster.client import ClientError
+
+    return (ClientError, TimeoutError)
+
+
+def _print_status(status: Any, as_json: bool) -> None:
+    if as_json:
+        _emit_json(status)
+        return
+    click.echo(
+        f"run {status.run_id}  {status.status}  {status.workflow or '-'}  "
+        f"request {status.request_id or '-'}  priority {status.priority}"
+    )
+
+
+@main.command()
+@click.argument("workflow")
+@click.argument("source_ref")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a workflow setting")
+@click.option(
+    "--input",
+    "input_pairs",
+    multiple=True,
+    metavar="NAME=REF",
+    help="another input: a source ref or an artifact ref",
+)
+@click.option("--request-id", help="idempotency key (default: a new one)")
+@click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
+@click.option(
+    "--target", default="local", show_default=True, help="local, remote, or a runtime target's name"
+)
+@click.option(
+    "--max-retries",
+    type=int,
+    default=0,
+    show_default=True,
+    help="new runs after a run whose worker died",
+)
+@click.option("--timeout", "timeout_s", type=float, help="bound on the whole run, seconds")
+@click.option("--context", "context_json", help="consumer context, a JSON object")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    is_flag=False,
+    flag_value=3600.0,
+    help="wait for the run to finish (optionally: at most this many seconds)",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def submit(
+    workflow: str,
+    source_ref: str,
+    sets: tuple[str, ...],
+    input_pairs: tuple[str, ...],
+    request_id: str | None,
+    priority: int,
+    target: str,
+    max_retries: int,
+    timeout_s: float | None,
+    context_json: str | None,
+    wait_s: float | None,
+    as_json: bool,
+) -> None:
+    """Queue WORKFLOW[@VERSION] on SOURCE_REF as a request; the daemon runs it."""
+    import uuid
+
+    from pydantic import ValidationError
+
+    from ergot_dagster.requests.model import ProcessingRequest
+
+    inputs = {}
+    for pair in input_pairs:
+        name, sep, ref = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
+        inputs[name] = ref
+    try:
+        context = json.loads(context_json) if context_json else {}
+        request = ProcessingRequest(
+            request_id=request_id or f"cli-{uuid.uuid4()}",
+            workflow=workflow,
+            sources={"primary": source_ref, "inputs": inputs},
+            settings=_parse_set(sets),
+            context=context,
+            execution_target=target,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
+        )
+    except (ValidationError, json.JSONDecodeError) as exc:
+        _fail(f"invalid request: {exc}")
+    client = _client(ErgotSettings.from_env())
+    try:
+        handle = client.submit(request)
+        if wait_s is not None:
+            _print_status(client.wait(handle.run_id, wait_s), as_json)
+            return
+    except _client_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(handle)
+    else:
+        note = " (already accepted)" if handle.existing else ""
+        click.echo(f"run {handle.run_id}  {handle.status}  request {handle.request_id}{note}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(run_id: str, as_json: bool) -> None:
+    """Where a run stands."""
+    try:
+        _print_status(_client(ErgotSettings.from_env()).status(run_id), as_json)
+    except _client_errors() as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def cancel(run_id: str, as_json: bool) -> None:
+    """Cancel a run: a queued one never starts, a running one ends CANCELED."""
+    try:
+        _print_status(_client(ErgotSettings.from_env()).cancel(run_id), as_json)
+    except _client_errors() as exc:
+        _fail(str(exc))
+
+
 # -- artifacts and lineage ------------------------------------------------------------------
 
 

@@ -1,9 +1,9 @@
 """The typed client over Dagster's GraphQL API: submit a request, follow and cancel its run.
 
 Submission plans the run with `requests.planning.plan_run` (the one path every entry point
-takes) and launches it with its request-derived run id: a request id accepted before returns the
-existing run, also when two submissions race, because Dagster refuses a second run with the same
-id.
+takes) and launches it. A request id accepted before returns the existing run: the client looks
+first, and the run queue makes sure of it when two submissions race (it answers the launch with
+the request's first run).
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ mutation Launch($params: ExecutionParams!) {
     ... on Error { message }
   }
 }"""
+
+RUNS_BY_TAG_QUERY = f"""
+query RunsByTag($key: String!, $value: String!) {{
+  runsOrError(filter: {{tags: [{{key: $key, value: $value}}]}}) {{
+    __typename
+    ... on Runs {{ results {{ {_RUN_FIELDS} }} }}
+    ... on PythonError {{ message }}
+  }}
+}}"""
 
 TERMINATE_MUTATION = """
 mutation Terminate($runId: String!) {
@@ -153,30 +162,42 @@ class ErgotClient:
     # -- submission ------------------------------------------------------------------------
 
     def plan(self, request: ProcessingRequest) -> RunPlan:
+        """Check `request` and plan its run, without launching anything."""
         try:
             return plan_run(request, self._catalog)
         except ErgotError as exc:
             raise RequestRejectedError(str(exc)) from exc
 
-    def _existing(self, plan: RunPlan, request: ProcessingRequest) -> RunHandle | None:
-        found = self._find_run(plan.run_id)
-        if found is None:
-            return None
-        if found.tags.get(T.REQUEST_SHA256) != request.sha256:
+    def runs_of_request(self, request_id: str) -> list[RunStatus]:
+        """Every run of a request: its first run and any retries, oldest first."""
+        result = self._gql.execute(RUNS_BY_TAG_QUERY, {"key": T.REQUEST_ID, "value": request_id})[
+            "runsOrError"
+        ]
+        if result["__typename"] != "Runs":
+            raise LaunchError(result.get("message", "unexpected answer"))
+        runs = [_status(run) for run in result["results"]]
+        return sorted(runs, key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
+
+    def _first_run(self, request_id: str) -> RunStatus | None:
+        originals = [r for r in self.runs_of_request(request_id) if not r.parent_run_id]
+        return originals[0] if originals else None
+
+    def _accepted(self, request: ProcessingRequest, run: RunStatus, existing: bool) -> RunHandle:
+        if run.tags.get(T.REQUEST_SHA256) != request.sha256:
             raise RequestConflictError(
                 f"request id {request.request_id!r} was already used for a different request "
-                f"(run {plan.run_id}); use a new request id"
+                f"(run {run.run_id}); use a new request id"
             )
         return RunHandle(
-            run_id=found.run_id, request_id=request.request_id, status=found.status, existing=True
+            run_id=run.run_id, request_id=request.request_id, status=run.status, existing=existing
         )
 
     def submit(self, request: ProcessingRequest) -> RunHandle:
         """Queue `request` as one run, or return the run it already has."""
         plan = self.plan(request)
-        existing = self._existing(plan, request)
-        if existing is not None:
-            return existing
+        first = self._first_run(request.request_id)
+        if first is not None:
+            return self._accepted(request, first, existing=True)
         params = {
             "selector": {
                 "repositoryLocationName": self._location,
@@ -189,21 +210,14 @@ class ErgotClient:
             },
             "runConfigData": plan.run_config,
             "executionMetadata": {
-                "runId": plan.run_id,
                 "tags": [{"key": k, "value": v} for k, v in plan.tags.items()],
             },
         }
         result = self._gql.execute(LAUNCH_MUTATION, {"params": params})["launchRun"]
         if result["__typename"] == "LaunchRunSuccess":
-            return RunHandle(
-                run_id=result["run"]["runId"],
-                request_id=request.request_id,
-                status=result["run"]["status"],
-            )
-        # Another submission of the same request may have won the race: that run is ours.
-        existing = self._existing(plan, request)
-        if existing is not None:
-            return existing
+            # The queue answers with the request's first run when another submission of the same
+            # request id got there first; that run is this request's run.
+            return self._accepted(request, self.status(result["run"]["runId"]), existing=False)
         errors = result.get("errors") or []
         detail = (
             "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]

@@ -8,6 +8,7 @@ Two additions, both feeding Dagster's own mechanisms:
   target's limit holds across all runs and a run waiting for a slot stays visibly QUEUED.
 
 A run that no target can serve is failed at once with the reason, instead of waiting forever.
+A second submission of a request id returns the request's first run (`idempotency`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 
 from ergot_dagster.errors import ErgotError
 from ergot_dagster.orchestration import tags as T
+from ergot_dagster.orchestration.idempotency import duplicate_of, same_request
 from ergot_dagster.settings import ErgotSettings
 from ergot_dagster.targets.config import cached_targets
 from ergot_dagster.targets.model import RuntimeTarget
@@ -80,16 +82,29 @@ class ErgotRunCoordinator(QueuedRunCoordinator):
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:
         run = context.dagster_run
+        instance: DagsterInstance = self._instance
+        first = duplicate_of(instance, run)
+        if first is not None:
+            if not same_request(first, run):
+                instance.report_run_failed(
+                    run,
+                    f"request id {run.tags.get(T.REQUEST_ID)!r} was already used for a different "
+                    f"request (run {first.run_id}); use a new request id",
+                )
+                return instance.get_run_by_id(run.run_id) or run
+            # The same request again: it has a run already. This one never existed.
+            instance.delete_run(run.run_id)
+            logger.info(f"run {run.run_id} repeats request of run {first.run_id}; removed")
+            return instance.get_run_by_id(first.run_id) or first
         already_routed = any(key.startswith(TARGET_TAG_PREFIX) for key in run.tags)
         if run.status.value == "NOT_STARTED" and not already_routed:
             failure = self._route(run)
             if failure is not None:
-                instance: DagsterInstance = self._instance
                 instance.report_run_failed(run, failure)
                 reloaded = instance.get_run_by_id(run.run_id)
                 assert reloaded is not None
                 return reloaded
-            reloaded = self._instance.get_run_by_id(run.run_id)
+            reloaded = instance.get_run_by_id(run.run_id)
             assert reloaded is not None
             context = SubmitRunContext(reloaded, context.workspace)
         return super().submit_run(context)

@@ -8,15 +8,32 @@ when the worker is gone, and run retries then start a new run if the request all
 
 from __future__ import annotations
 
-from dagster._core.launcher import CheckRunHealthResult, DefaultRunLauncher, WorkerStatus
+from dagster._core.launcher import (
+    CheckRunHealthResult,
+    DefaultRunLauncher,
+    LaunchRunContext,
+    WorkerStatus,
+)
 from dagster._core.storage.dagster_run import DagsterRun
 
 from ergot_dagster.orchestration import tags as T
+from ergot_dagster.orchestration.idempotency import duplicate_of
 from ergot_dagster.orchestration.worker import worker_alive
 
 
 class ErgotRunLauncher(DefaultRunLauncher):
     """DefaultRunLauncher plus a worker health check for run monitoring."""
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        first = duplicate_of(self._instance, run)
+        if first is not None:
+            # Two submissions of one request too close together for the queue to see both.
+            self._instance.report_run_canceled(
+                run, f"not started: request {run.tags.get(T.REQUEST_ID)!r} runs as {first.run_id}"
+            )
+            return
+        super().launch_run(context)
 
     @property
     def supports_check_run_worker_health(self) -> bool:

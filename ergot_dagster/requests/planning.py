@@ -2,14 +2,12 @@
 
 `plan_run` checks the request against the catalog (the workflow and its settings schema, the
 sources and artifacts it names, where it may run) and returns exactly what Dagster needs to
-create the run: its id, asset selection, partition, run config and tags. The run id is derived
-from the request id, so Dagster's own uniqueness of run ids makes a request accepted only once,
-even when two submissions race.
+create the run: asset selection, partition, run config and tags. The run coordinator makes sure
+a request id is accepted once (`orchestration.idempotency`), whoever submits it.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -27,8 +25,6 @@ from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.run_config import run_config_for
 from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
 
-# Fixed forever: changing it would let an old request id start a second run.
-REQUEST_NAMESPACE = uuid.UUID("6f1c1e0e-7b1d-5c8e-9a62-0e2b7c1d4a10")
 ASSET_JOB = "__ASSET_JOB"
 
 
@@ -47,7 +43,6 @@ class RequestCatalog(Protocol):
 class RunPlan(BaseModel):
     """Everything needed to create the request's run in Dagster."""
 
-    run_id: str
     request_id: str
     workflow: str
     job_name: str = ASSET_JOB
@@ -56,11 +51,6 @@ class RunPlan(BaseModel):
     partition_key: str
     run_config: dict
     tags: dict[str, str]
-
-
-def run_id_for(request_id: str) -> str:
-    """The id of the first run of a request (its retries get ids of their own)."""
-    return str(uuid.uuid5(REQUEST_NAMESPACE, request_id))
 
 
 def _check_media(definition: WorkflowDefinition, name: str, ref: str, media_type: str) -> None:
@@ -142,7 +132,6 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
         )
     artifacts = list(definition.outputs)
     return RunPlan(
-        run_id=run_id_for(request.request_id),
         request_id=request.request_id,
         workflow=definition.ref,
         asset_keys=[[definition.family, definition.name, a] for a in artifacts],
