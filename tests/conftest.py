@@ -54,8 +54,8 @@ def subprocess_env(plane: ErgotSettings) -> dict[str, str]:
             "ERGOT_STORAGE": plane.storage,
             "ERGOT_INGEST_ROOT": plane.ingest_root,
             "ERGOT_WORKFLOW_DEFS": str(plane.workflow_defs),
-        "ERGOT_RUNTIME_TARGETS": str(plane.runtime_targets),
-        "ERGOT_STEP_RETRY_DELAY_S": os.environ.get("ERGOT_STEP_RETRY_DELAY_S", "0.2"),
+            "ERGOT_RUNTIME_TARGETS": str(plane.runtime_targets),
+            "ERGOT_STEP_RETRY_DELAY_S": os.environ.get("ERGOT_STEP_RETRY_DELAY_S", "0.2"),
         }
     )
     return env

@@ -291,6 +291,7 @@ def execute_plan(
     source_ref: str,
     events: RunEvents,
     reusable: dict[str, ArtifactManifest] | None = None,
+    log: logging.Logger | None = None,
 ) -> Iterator[StoredArtifact]:
     """Run the stages needed for `selected`, yielding each artifact as soon as it is stored.
 
@@ -388,7 +389,7 @@ def execute_plan(
                         target=target,
                         progress=events.progress_reporter(stage.id),
                     ),
-                    logging.getLogger(f"ergot.stage.{stage.id}"),
+                    log or logging.getLogger(f"ergot.stage.{stage.id}"),
                 )
             except ErgotError as exc:
                 failed_stages[stage.id] = exc
@@ -406,14 +407,15 @@ def execute_plan(
                     elapsed_s=round(time.monotonic() - started, 3),
                 )
                 continue
+            # What the adapter reported, under the plane's own fields (which always win).
             report = {
+                **result.metadata,
                 "stage": stage.id,
                 "runtime": runtime_type,
                 "target": result.target,
                 "job_id": result.job_id,
                 "elapsed_s": round(time.monotonic() - started, 3),
                 "outputs": sorted(result.outputs),
-                **result.metadata,
             }
             events.emit(
                 "stage_finished",

@@ -219,6 +219,8 @@ def materialize_workflow(
             source_ref=source_ref,
             events=events,
             reusable=reusable,
+            # Adapters' own log lines go to the run's log in the UI.
+            log=context.log,  # type: ignore[arg-type]
         ):
             manifest = stored.manifest
             if stored.reused and _already_recorded(

@@ -115,6 +115,10 @@ class Rejected(Exception):
         self.headers = headers or {}
 
 
+class _ClientGone(Exception):
+    """The client closed the connection before sending the whole request."""
+
+
 class JobError(Exception):
     """A job failed; `retryable` says whether the same job could succeed another time."""
 
@@ -776,7 +780,10 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             self._drain()
             raise Rejected(413, "too_large", f"the body is larger than {limit} bytes")
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise _ClientGone
+        return body
 
     def _dispatch(self, method: str) -> None:
         loop = self.server.loopback
@@ -805,12 +812,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             raise Rejected(404, "not_found", f"no route {method} {path}")
         except Rejected as rejected:
-            self._send_rejected(rejected)
-        except (BrokenPipeError, ConnectionResetError):
+            self._answer_rejected(rejected)
+        except (_ClientGone, BrokenPipeError, ConnectionResetError):
+            # The client gave up mid-request (a deadline on its side): nobody to answer.
             self.close_connection = True
         except Exception as exc:
             LOG.exception("loopback request %s %s failed", method, path)
-            self._send_rejected(Rejected(500, "internal", type(exc).__name__))
+            self._answer_rejected(Rejected(500, "internal", type(exc).__name__))
+
+    def _answer_rejected(self, rejected: Rejected) -> None:
+        try:
+            self._send_rejected(rejected)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def _control(self, method: str, path: str) -> None:
         loop = self.server.loopback

@@ -351,7 +351,8 @@ class StudioRuntime(RuntimeAdapter):
             "operation": stage.operation,
             "client_ref": self._client_ref(request),
             "polls": polls,
-            "outputs": listed,
+            # Not "outputs": the plane merges metadata into its stage report, which has that key.
+            "studio_outputs": listed,
         }
         server_elapsed = doc.get("elapsed_s")
         if isinstance(server_elapsed, int | float) and not isinstance(server_elapsed, bool):
