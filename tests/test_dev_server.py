@@ -8,6 +8,7 @@ artifacts land in the store. Polls with deadlines; no sleeping on luck.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,44 @@ def test_sensor_ingests_and_daemon_runs_a_launched_request(
     assert _until("the queued run to finish", finished) == "SUCCESS"
     manifests = Path(plane_settings.storage) / "manifests" / run_id
     assert sorted(p.name for p in manifests.iterdir()) == ["poster.json", "poster_info.json"]
+
+
+def test_ergot_submit_queues_a_request_once(
+    server: Server, plane_settings: ErgotSettings, ingest_root: Path
+) -> None:
+    make_clip(ingest_root / "q.mp4", duration=2.0)
+    env = {**subprocess_env(plane_settings), "ERGOT_DAGSTER_URL": server.url}
+    ergot = str(Path(sys.executable).parent / "ergot")
+    assert (
+        subprocess.run(
+            [ergot, "ingest", str(ingest_root / "q.mp4")], env=env, capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
+    submit = [
+        ergot,
+        "submit",
+        "media_qc",
+        "q.mp4",
+        "--request-id",
+        "req-42",
+        "--priority",
+        "3",
+        "--json",
+    ]
+    waited = subprocess.run(
+        [*submit, "--wait", "120"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert waited.returncode == 0, waited.stderr
+    status = json.loads(waited.stdout)
+    assert status["status"] == "SUCCESS" and status["request_id"] == "req-42"
+    assert status["tags"]["dagster/priority"] == "3"
+    again = json.loads(
+        subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120).stdout
+    )
+    assert again == {
+        "run_id": status["run_id"],
+        "request_id": "req-42",
+        "status": "SUCCESS",
+        "existing": True,
+    }

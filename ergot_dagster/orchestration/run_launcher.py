@@ -41,10 +41,10 @@ class ErgotRunLauncher(DefaultRunLauncher):
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         identity = run.tags.get(T.WORKER)
-        if not identity:
+        if not identity or not identity.startswith(f"{run.run_id}@"):
             # The step has not started yet; run monitoring's start timeout covers this stretch.
             return CheckRunHealthResult(WorkerStatus.RUNNING, "worker not recorded yet")
-        alive = worker_alive(identity)
+        alive = worker_alive(identity, run.run_id)
         if alive is False:
             return CheckRunHealthResult(
                 WorkerStatus.FAILED, f"run worker {identity} is no longer running"

@@ -6,7 +6,7 @@ REQUEST_SHA256 = "ergot/request_sha256"
 WORKFLOW = "ergot/workflow"
 SOURCE_REF = "ergot/source_ref"
 EXECUTION_TARGET = "ergot/execution_target"
-WORKER = "ergot/worker"  # host:pid:start ticks of the process running the step
+WORKER = "ergot/worker"  # run id@host:pid:start ticks of the process running the step
 
 # Dagster's own.
 PARTITION = "dagster/partition"

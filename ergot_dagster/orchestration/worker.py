@@ -19,18 +19,25 @@ def _start_ticks(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def current_worker() -> str:
-    """This process's identity, as written to the run's `ergot/worker` tag."""
+def current_worker(run_id: str) -> str:
+    """This process's identity as the worker of `run_id`, for the run's `ergot/worker` tag.
+
+    The run id is part of it because Dagster copies tags to a retry of the run: the retry must
+    not be judged by its dead parent's worker.
+    """
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or ''}"
+    return f"{run_id}@{socket.gethostname()}:{pid}:{_start_ticks(pid) or ''}"
 
 
-def worker_alive(identity: str) -> bool | None:
-    """True/False for a worker on this host; None when it cannot be judged from here."""
+def worker_alive(identity: str, run_id: str) -> bool | None:
+    """True/False for `run_id`'s worker on this host; None when it cannot be judged from here."""
     try:
-        host, pid_text, ticks = identity.rsplit(":", 2)
+        owner, rest = identity.split("@", 1)
+        host, pid_text, ticks = rest.rsplit(":", 2)
         pid = int(pid_text)
     except ValueError:
+        return None
+    if owner != run_id:
         return None
     if host != socket.gethostname():
         return None

@@ -63,9 +63,9 @@ def route(
             f"(known: {known})"
         )
     down = set(unhealthy)
-    capabilities = set(definition.capabilities)
     routed: dict[str, RuntimeTarget] = {}
     for runtime in runtime_types(definition):
+        capabilities = definition.required_capabilities(runtime)
         reasons: dict[str, str] = {}
         candidates = []
         for target in config.targets:

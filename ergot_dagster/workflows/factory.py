@@ -20,7 +20,6 @@ from dagster import (
     multi_asset,
 )
 
-from ergot_dagster.orchestration.retry import step_retry_policy
 from ergot_dagster.resources.runtime import resource_key
 from ergot_dagster.sources.record import SOURCE_KEY, source_partitions
 from ergot_dagster.workflows.materialize import artifact_key, materialize_workflow
@@ -125,7 +124,6 @@ def build_workflow_asset(registry: WorkflowRegistry, name: str) -> AssetsDefinit
         partitions_def=source_partitions,
         can_subset=True,
         config_schema=config_schema(versions),
-        retry_policy=step_retry_policy(),
         required_resource_keys={"artifact_store", "runtime_targets"}
         | {resource_key(r) for r in _runtimes(versions)},
         description=latest.description,

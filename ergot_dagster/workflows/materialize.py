@@ -22,6 +22,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
+    RetryRequested,
 )
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest
@@ -31,6 +32,7 @@ from ergot_dagster.checks import get_evaluator
 from ergot_dagster.errors import ErgotError, RuntimeFailure
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.orchestration.events import DagsterRunEvents
+from ergot_dagster.orchestration.retry import StepRetry
 from ergot_dagster.orchestration.worker import current_worker
 from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
 from ergot_dagster.resources.runtime import RuntimeAdapter, resource_key
@@ -197,7 +199,7 @@ def materialize_workflow(
         raise _failure(exc, definition) from None
 
     # Run monitoring asks the run launcher whether this process is still alive.
-    context.instance.add_run_tags(context.run_id, {T.WORKER: current_worker()})
+    context.instance.add_run_tags(context.run_id, {T.WORKER: current_worker(context.run_id)})
     events = DagsterRunEvents(context.instance, context.run_id, op_name(definition))
     reusable = _reusable(context.instance, store, definition, source_ref, context.run_id)
     context.log.info(
@@ -246,4 +248,13 @@ def materialize_workflow(
                 if check.artifact == manifest.name and check.name in selected_checks:
                     yield _evaluate_check(definition, check, manifest, store, settings)
     except ErgotError as exc:
-        raise _failure(exc, definition) from exc
+        failure = _failure(exc, definition)
+        retry = StepRetry.from_env()
+        if failure.allow_retries and retry.should_retry(context.retry_number):
+            delay = retry.delay_for(context.retry_number)
+            context.log.warning(
+                f"{failure.description} - transient, trying again in {delay:.1f} s "
+                f"(retry {context.retry_number + 1} of {retry.max_retries})"
+            )
+            raise RetryRequested(max_retries=retry.max_retries, seconds_to_wait=delay) from exc
+        raise failure from exc

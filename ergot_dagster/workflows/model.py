@@ -118,6 +118,19 @@ class StageSpec(BaseModel):
         "stages use",
     )
     timeout_s: float | None = Field(default=None, gt=0)
+    capabilities: list[str] | None = Field(
+        default=None,
+        description="what this stage's target must offer; in a plan with several runtime types "
+        "the workflow's capabilities cannot say which runtime needs which, so stages do",
+    )
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capability_tags(cls, value: list[str] | None) -> list[str] | None:
+        for tag in value or []:
+            if not re.match(CAPABILITY, tag):
+                raise ValueError(f"{tag!r} is not a capability tag such as video.decode or gpu")
+        return value
 
     @model_validator(mode="after")
     def _operation_or_template(self) -> StageSpec:
@@ -192,6 +205,24 @@ class WorkflowDefinition(BaseModel):
     @property
     def primary_input(self) -> str:
         return next(name for name, spec in self.inputs.items() if spec.primary)
+
+    def required_capabilities(self, runtime: str) -> set[str]:
+        """What a target of `runtime` must offer to run this workflow's stages on that runtime.
+
+        A stage's own `capabilities` when it declares them; otherwise the workflow's, when all
+        stages share one runtime type (with several, the workflow's list cannot say which
+        runtime needs what).
+        """
+        single_runtime = len({s.runtime or self.runtime for s in self.plan}) == 1
+        needed: set[str] = set()
+        for stage in self.plan:
+            if (stage.runtime or self.runtime) != runtime:
+                continue
+            if stage.capabilities is not None:
+                needed |= set(stage.capabilities)
+            elif single_runtime:
+                needed |= set(self.capabilities)
+        return needed
 
     @field_validator("capabilities")
     @classmethod
