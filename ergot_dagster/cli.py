@@ -414,26 +414,24 @@ def submit(
         click.echo(f"run {handle.run_id}  {handle.status}  request {handle.request_id}{note}")
 
 
-@main.command()
-@click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(run_id: str, as_json: bool) -> None:
-    """Where a run stands."""
-    try:
-        _print_status(_client(ErgotSettings.from_env()).status(run_id), as_json)
-    except _client_errors() as exc:
-        _fail(str(exc))
+def _run_command(action: str) -> Any:
+    """A command that applies client method `action` to RUN_ID and prints the run's status."""
+
+    @click.argument("run_id")
+    @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+    def command(run_id: str, as_json: bool) -> None:
+        try:
+            _print_status(getattr(_client(ErgotSettings.from_env()), action)(run_id), as_json)
+        except _client_errors() as exc:
+            _fail(str(exc))
+
+    return command
 
 
-@main.command()
-@click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def cancel(run_id: str, as_json: bool) -> None:
-    """Cancel a run: a queued one never starts, a running one ends CANCELED."""
-    try:
-        _print_status(_client(ErgotSettings.from_env()).cancel(run_id), as_json)
-    except _client_errors() as exc:
-        _fail(str(exc))
+main.command(name="status", help="Where a run stands.")(_run_command("status"))
+main.command(
+    name="cancel", help="Cancel a run: a queued one never starts, a running one ends CANCELED."
+)(_run_command("cancel"))
 
 
 # -- artifacts and lineage ------------------------------------------------------------------

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +21,11 @@ import pytest
 from ergot_dagster.media.synth import make_clip
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
 from tests.conftest import subprocess_env
+from tests.support import dagster_dev, until
 
 pytestmark = pytest.mark.slow
 
 DAGSTER = str(Path(sys.executable).parent / "dagster")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _until(what: str, check: Callable[[], Any], timeout_s: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 class Server:
@@ -67,48 +48,10 @@ def server(plane_settings: ErgotSettings, tmp_path: Path) -> Iterator[Server]:
     (plane_settings.dagster_home / "dagster.yaml").write_text(
         (PROJECT_ROOT / "dagster.yaml").read_text()
     )
-    port = _free_port()
     env = subprocess_env(plane_settings)
     env.update({"ERGOT_INGEST_INTERVAL_S": "1", "ERGOT_INGEST_SETTLE_S": "0"})
-    log = open(tmp_path / "dagster-dev.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        [
-            DAGSTER,
-            "dev",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-w",
-            str(PROJECT_ROOT / "workspace.yaml"),
-        ],
-        cwd=plane_settings.home,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "dagster-dev.log").read_text()[-3000:])
-        try:
-            return httpx.get(f"{url}/server_info", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _until("the webserver", up, timeout_s=120)
+    with dagster_dev(plane_settings.home, env, tmp_path / "dagster-dev.log") as url:
         yield Server(url)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 SOURCE_PARTITION = """
@@ -142,7 +85,7 @@ def test_sensor_ingests_and_daemon_runs_a_launched_request(
         node = server.graphql(SOURCE_PARTITION, key="drop/take 7.mp4")["assetNodeOrError"]
         return node.get("assetMaterializations")
 
-    materializations = _until("the ingest sensor to record the new file", ingested)
+    materializations = until("the ingest sensor to record the new file", ingested)
     sha = {e["label"]: e.get("text") for e in materializations[0]["metadataEntries"]}["sha256"]
     assert sha == hashlib.sha256(clip.read_bytes()).hexdigest()
 
@@ -169,7 +112,7 @@ def test_sensor_ingests_and_daemon_runs_a_launched_request(
         status = server.graphql(RUN_STATUS, id=run_id)["runOrError"]["status"]
         return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
 
-    assert _until("the queued run to finish", finished) == "SUCCESS"
+    assert until("the queued run to finish", finished) == "SUCCESS"
     manifests = Path(plane_settings.storage) / "manifests" / run_id
     assert sorted(p.name for p in manifests.iterdir()) == ["poster.json", "poster_info.json"]
 

@@ -9,25 +9,23 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg2
 import pytest
 import yaml
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter
@@ -44,14 +42,10 @@ from ergot_dagster.sources.ingest import ingest_refs, scan_root
 from ergot_dagster.sources.record import latest_source_record, record_sources
 from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry, publish
+from tests.support import dagster_dev, fresh_database, stop, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-ADMIN_URL = os.environ.get(
-    "ERGOT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-DAGSTER = str(Path(sys.executable).parent / "dagster")
-RUN_DEADLINE_S = 120.0
 
 STUDIO_CAPABILITIES = ["tts", "voice.prompt"]
 
@@ -130,22 +124,6 @@ VOICE_PROMPT: dict[str, Any] = {
 TEST_WORKFLOWS = [SPEAK, SPEAK_SHORT, VOICE_PROMPT]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def until(what: str, check: Callable[[], Any], timeout_s: float = RUN_DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 class Studio:
     """The loopback Studio server's test controls."""
 
@@ -220,149 +198,98 @@ class Plane:
         return [r.run_id for r in records]
 
 
-def _database() -> Iterator[str]:
+def _write_definitions(defs: Path) -> None:
+    shutil.copytree(PROJECT_ROOT / "workflow_defs", defs)
+    for definition in TEST_WORKFLOWS:
+        path = defs / definition["family"] / f"{definition['name']}.v1.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(definition, sort_keys=False))
+    publish(defs)
+
+
+def _write_targets(path: Path, studio_url: str) -> None:
+    targets = yaml.safe_load((PROJECT_ROOT / "runtime_targets.yaml").read_text())
+    targets["targets"][0]["concurrency"] = 1
+    targets["targets"].append(
+        {
+            "name": "studio-loop",
+            "runtime": "studio",
+            "capabilities": STUDIO_CAPABILITIES,
+            "endpoint": studio_url,
+            "concurrency": 1,
+        }
+    )
+    path.write_text(yaml.safe_dump(targets))
+
+
+@contextlib.contextmanager
+def _studio_server() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.servers.studio_server", "--port", "0"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        admin = psycopg2.connect(ADMIN_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    admin.autocommit = True
-    name = f"ergot_durability_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        yield url
     finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     root = tmp_path_factory.mktemp("durable")
-    database = _database()
-    pg_url = next(database)
-    procs: list[subprocess.Popen[Any]] = []
     saved_env = dict(os.environ)
-    try:
-        studio_proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers.studio_server", "--port", "0"],
-            cwd=PROJECT_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        procs.append(studio_proc)
-        assert studio_proc.stdout is not None
-        studio_url = studio_proc.stdout.readline().strip()
-        assert studio_url.startswith("http://127.0.0.1:"), studio_url
-
-        defs = root / "workflow_defs"
-        shutil.copytree(PROJECT_ROOT / "workflow_defs", defs)
-        for definition in TEST_WORKFLOWS:
-            path = defs / definition["family"] / f"{definition['name']}.v1.yaml"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(yaml.safe_dump(definition, sort_keys=False))
-        publish(defs)
-        targets_file = root / "runtime_targets.yaml"
-        targets = yaml.safe_load((PROJECT_ROOT / "runtime_targets.yaml").read_text())
-        targets["targets"][0]["concurrency"] = 1
-        targets["targets"].append(
-            {
-                "name": "studio-loop",
-                "runtime": "studio",
-                "capabilities": STUDIO_CAPABILITIES,
-                "endpoint": studio_url,
-                "concurrency": 1,
-            }
-        )
-        targets_file.write_text(yaml.safe_dump(targets))
-
+    with fresh_database("ergot_durability") as pg_url, _studio_server() as studio_url:
+        defs, targets_file = root / "workflow_defs", root / "runtime_targets.yaml"
+        _write_definitions(defs)
+        _write_targets(targets_file, studio_url)
         home = root / "ergot"
         dagster_home = home / "dagster"
         dagster_home.mkdir(parents=True)
         shutil.copyfile(
             PROJECT_ROOT / "deploy" / "dagster.postgres.yaml", dagster_home / "dagster.yaml"
         )
-        env = {
-            "ERGOT_HOME": str(home),
-            "DAGSTER_HOME": str(dagster_home),
-            "ERGOT_PG_URL": pg_url,
-            "ERGOT_STORAGE": str(home / "artifacts"),
-            "ERGOT_INGEST_ROOT": str(home / "ingest"),
-            "ERGOT_WORKFLOW_DEFS": str(defs),
-            "ERGOT_RUNTIME_TARGETS": str(targets_file),
-            "ERGOT_STEP_RETRIES": "2",
-            "ERGOT_STEP_RETRY_DELAY_S": "0.2",
-            "ERGOT_INGEST_INTERVAL_S": "3600",
-        }
-        os.environ.update(env)
-
-        ingest = home / "ingest"
-        make_clip(ingest / "cam" / "talk.mov", duration=4.0)
-        make_clip(ingest / "cam" / "long.mov", duration=60.0, size="640x360")
-        instance = DagsterInstance.from_config(str(dagster_home))
-        outcomes = ingest_refs(
-            ingest, list(scan_root(ingest)), lambda key: latest_source_record(instance, key)
+        os.environ.update(
+            {
+                "ERGOT_HOME": str(home),
+                "DAGSTER_HOME": str(dagster_home),
+                "ERGOT_PG_URL": pg_url,
+                "ERGOT_STORAGE": str(home / "artifacts"),
+                "ERGOT_INGEST_ROOT": str(home / "ingest"),
+                "ERGOT_WORKFLOW_DEFS": str(defs),
+                "ERGOT_RUNTIME_TARGETS": str(targets_file),
+                "ERGOT_STEP_RETRIES": "2",
+                "ERGOT_STEP_RETRY_DELAY_S": "0.2",
+                "ERGOT_INGEST_INTERVAL_S": "3600",
+            }
         )
-        record_sources(instance, [o.record for o in outcomes if o.record])
-
-        port = _free_port()
-        log = root / "dagster-dev.log"
-        with open(log, "w") as out:
-            dev = subprocess.Popen(
-                [
-                    DAGSTER,
-                    "dev",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "-w",
-                    str(PROJECT_ROOT / "workspace.yaml"),
-                ],
-                cwd=home,
-                env=dict(os.environ),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        try:
+            ingest = home / "ingest"
+            make_clip(ingest / "cam" / "talk.mov", duration=4.0)
+            make_clip(ingest / "cam" / "long.mov", duration=60.0, size="640x360")
+            instance = DagsterInstance.from_config(str(dagster_home))
+            outcomes = ingest_refs(
+                ingest, list(scan_root(ingest)), lambda key: latest_source_record(instance, key)
             )
-        procs.append(dev)
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if dev.poll() is not None:
-                raise AssertionError(log.read_text()[-3000:])
-            try:
-                return httpx.get(f"{url}/server_info", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        until("the webserver", up)
-        store = LocalArtifactStore(home / "artifacts")
-        catalog = LocalCatalog(load_registry(defs), instance, store, load_targets(targets_file))
-        yield Plane(ErgotClient(url, catalog=catalog), instance, store, Studio(studio_url), log)
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        next(database, None)
+            record_sources(instance, [o.record for o in outcomes if o.record])
+            log = root / "dagster-dev.log"
+            with dagster_dev(home, dict(os.environ), log) as url:
+                store = LocalArtifactStore(home / "artifacts")
+                catalog = LocalCatalog(
+                    load_registry(defs), instance, store, load_targets(targets_file)
+                )
+                yield Plane(
+                    ErgotClient(url, catalog=catalog), instance, store, Studio(studio_url), log
+                )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ergot_dagster.media.synth import make_clip
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
 from ergot_dagster.sources.record import latest_source_record
 from tests.conftest import subprocess_env
+from tests.support import fresh_database
 
 pytestmark = pytest.mark.postgres
 
@@ -34,23 +34,8 @@ ERGOT = str(Path(sys.executable).parent / "ergot")
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    try:
-        admin = psycopg2.connect(ADMIN_URL, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    admin.autocommit = True
-    name = f"ergot_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
+    with fresh_database("ergot_test") as url:
+        yield url
 
 
 def test_ingest_and_run_on_postgres(

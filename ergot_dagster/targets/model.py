@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ergot_dagster.workflows.model import CAPABILITY, RUNTIME_TYPE
+from ergot_dagster.workflows.model import RUNTIME_TYPE, CapabilityTag
 
 TARGET_NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"
 ENV_NAME = r"^[A-Z_][A-Z0-9_]{0,127}$"
@@ -72,20 +72,12 @@ class RuntimeTarget(BaseModel):
 
     name: str = Field(pattern=TARGET_NAME)
     runtime: str = Field(pattern=RUNTIME_TYPE)
-    capabilities: list[str] = Field(default_factory=list)
+    capabilities: list[CapabilityTag] = Field(default_factory=list)
     locality: Locality = Field(default_factory=Locality)
     concurrency: int = Field(default=1, ge=1, le=1000, description="runs at a time on this target")
     endpoint: str | None = Field(default=None, description="base URL of a remote service")
     auth: TargetAuth = Field(default_factory=TargetAuth)
     routing: RoutingHints = Field(default_factory=RoutingHints)
-
-    @field_validator("capabilities")
-    @classmethod
-    def _capabilities(cls, value: list[str]) -> list[str]:
-        for tag in value:
-            if not re.match(CAPABILITY, tag):
-                raise ValueError(f"{tag!r} is not a capability tag such as video.decode or gpu")
-        return value
 
     @field_validator("endpoint")
     @classmethod

@@ -15,11 +15,18 @@ Values in a stage's `inputs` and `params` may be bindings, written `${...}` as a
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
 
@@ -29,6 +36,16 @@ CAPABILITY = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 MEDIA_TYPE = r"^(\*|[a-z]+)/(\*|[a-z0-9][a-z0-9.+-]*)$"
 ASSET_PATH = r"^[a-z][a-z0-9_]*/[a-z][a-z0-9_]*/[a-z][a-z0-9_]*$"
 PLAN_RUNTIME = "plan"
+
+
+def _capability(tag: str) -> str:
+    if not re.match(CAPABILITY, tag):
+        raise ValueError(f"{tag!r} is not a capability tag such as video.decode or gpu")
+    return tag
+
+
+# A capability tag, checked wherever one appears (workflows, stages, runtime targets).
+CapabilityTag = Annotated[str, AfterValidator(_capability)]
 
 _BINDING = re.compile(r"^\$\{(?P<scope>inputs|settings|stages)\.(?P<path>[^}]+)\}$")
 
@@ -118,19 +135,11 @@ class StageSpec(BaseModel):
         "stages use",
     )
     timeout_s: float | None = Field(default=None, gt=0)
-    capabilities: list[str] | None = Field(
+    capabilities: list[CapabilityTag] | None = Field(
         default=None,
         description="what this stage's target must offer; in a plan with several runtime types "
         "the workflow's capabilities cannot say which runtime needs which, so stages do",
     )
-
-    @field_validator("capabilities")
-    @classmethod
-    def _capability_tags(cls, value: list[str] | None) -> list[str] | None:
-        for tag in value or []:
-            if not re.match(CAPABILITY, tag):
-                raise ValueError(f"{tag!r} is not a capability tag such as video.decode or gpu")
-        return value
 
     @model_validator(mode="after")
     def _operation_or_template(self) -> StageSpec:
@@ -184,7 +193,7 @@ class WorkflowDefinition(BaseModel):
     version: int = Field(ge=1)
     description: str = Field(min_length=1)
     runtime: str = Field(pattern=RUNTIME_TYPE)
-    capabilities: list[str] = Field(default_factory=list)
+    capabilities: list[CapabilityTag] = Field(default_factory=list)
     inputs: dict[str, InputSpec] = Field(min_length=1)
     settings: dict[str, Any] = Field(description="JSON Schema (draft 2020-12) of the settings")
     outputs: dict[str, OutputSpec] = Field(min_length=1)
@@ -223,14 +232,6 @@ class WorkflowDefinition(BaseModel):
             elif single_runtime:
                 needed |= set(self.capabilities)
         return needed
-
-    @field_validator("capabilities")
-    @classmethod
-    def _capabilities(cls, value: list[str]) -> list[str]:
-        for tag in value:
-            if not re.match(CAPABILITY, tag):
-                raise ValueError(f"{tag!r} is not a capability tag such as video.decode or gpu")
-        return value
 
     @field_validator("inputs", "outputs")
     @classmethod
