@@ -432,3 +432,23 @@ def test_a_corrupt_file_fails_permanently(
 ) -> None:
     with pytest.raises(PermanentRuntimeError):
         run_recipe(operation, {input_name: media(clips["corrupt"])}, tmp_path)
+
+
+def test_long_recipes_report_progress(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "long.mp4", duration=12.0, size="640x360")
+    for operation in ("qc", "proxy"):
+        seen: list[float] = []
+        request = StageRequest(
+            workflow="test/recipes@1",
+            stage=StageSpec(id="stage", runtime="ffmpeg", operation=operation),
+            run_id="run-1",
+            inputs={"media": media(clip)},
+            params={"preset": "medium"} if operation == "proxy" else {},
+            workdir=tmp_path / operation,
+            timeout_s=120,
+            target=FFMPEG_LOCAL,
+            progress=lambda fraction, _message, seen=seen: seen.append(fraction or 0.0),
+        )
+        FFmpegRuntime().run_stage(request, LOG)
+        assert seen, f"{operation} reported no progress"
+        assert seen == sorted(seen) and seen[-1] == 1.0

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from ergot_dagster.errors import PermanentRuntimeError, RuntimeTimeoutError
 
@@ -43,6 +46,54 @@ def stderr_tail(stderr: str, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
+def _drain(stream: IO[bytes], sink: list[bytes], lines: queue.Queue[str] | None) -> None:
+    """Read a pipe to its end (so the child never blocks on a full pipe), keeping every byte."""
+    for chunk in iter(stream.readline, b""):
+        sink.append(chunk)
+        if lines is not None:
+            lines.put(chunk.decode("utf-8", errors="replace").rstrip("\n"))
+    stream.close()
+
+
+def _wait(
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+    on_stdout_line: Callable[[str], None],
+) -> tuple[bytes, bytes]:
+    """Wait like `communicate`, handing each stdout line to `on_stdout_line` on this thread.
+
+    The callback runs here, not on the reader thread, so it may touch things that are not
+    thread-safe (a database session reporting progress).
+    """
+    out: list[bytes] = []
+    err: list[bytes] = []
+    lines: queue.Queue[str] = queue.Queue()
+    readers = [
+        threading.Thread(target=_drain, args=(proc.stdout, out, lines), daemon=True),
+        threading.Thread(target=_drain, args=(proc.stderr, err, None), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            proc.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            finished = True
+        except subprocess.TimeoutExpired:
+            finished = False
+        while not lines.empty():
+            on_stdout_line(lines.get_nowait())
+        if finished:
+            break
+        if time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+    for reader in readers:
+        reader.join()
+    while not lines.empty():
+        on_stdout_line(lines.get_nowait())
+    return b"".join(out), b"".join(err)
+
+
 def run_process(
     args: Sequence[str],
     *,
@@ -50,12 +101,14 @@ def run_process(
     tool: str,
     check: bool = True,
     cwd: str | None = None,
+    on_stdout_line: Callable[[str], None] | None = None,
 ) -> ProcessResult:
     """Run `args` to completion within `timeout_s` seconds.
 
     Raises `RuntimeTimeoutError` when the deadline passes (the process group is killed first) and,
     with `check`, `PermanentRuntimeError` carrying the tail of stderr when the tool exits non-zero.
     An interrupt while waiting (run cancellation) kills the process group before propagating.
+    With `on_stdout_line`, each line the tool writes to stdout is handed over as it comes.
     """
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -67,7 +120,10 @@ def run_process(
         cwd=cwd,
     )
     try:
-        stdout, stderr_bytes = proc.communicate(timeout=timeout_s)
+        if on_stdout_line is None:
+            stdout, stderr_bytes = proc.communicate(timeout=timeout_s)
+        else:
+            stdout, stderr_bytes = _wait(proc, timeout_s, on_stdout_line)
     except subprocess.TimeoutExpired as exc:
         _kill_group(proc)
         raise RuntimeTimeoutError(

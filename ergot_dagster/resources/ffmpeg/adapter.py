@@ -56,6 +56,7 @@ class FFmpegRuntime(RuntimeAdapter):
             log=log,
             ffmpeg_path=binary,
             threads=self.threads,
+            progress=request.progress,
         )
         output = recipe(context)
         return StageResult(

@@ -19,7 +19,7 @@ from typing import Any
 from ergot_dagster.errors import PermanentRuntimeError, RuntimeTimeoutError, SourceError
 from ergot_dagster.media.probe import ProbeSummary, probe
 from ergot_dagster.media.process import ProcessResult, run_process
-from ergot_dagster.resources.runtime import StageFile
+from ergot_dagster.resources.runtime import ProgressReporter, StageFile, no_progress
 
 
 @dataclass
@@ -42,6 +42,7 @@ class RecipeContext:
     ffmpeg_path: str = "ffmpeg"
     threads: int = 0
     pids: list[int] = field(default_factory=list)
+    progress: ProgressReporter = no_progress
 
     def input(self, name: str) -> StageFile:
         """The single file bound to input `name`."""
@@ -62,12 +63,28 @@ class RecipeContext:
             raise RuntimeTimeoutError("the stage used up its time budget")
         return left
 
-    def ffmpeg(self, args: Sequence[str], *, check: bool = True) -> ProcessResult:
-        """Run ffmpeg with `args` (after the common flags), bounded by the stage's deadline."""
+    def ffmpeg(
+        self, args: Sequence[str], *, check: bool = True, progress_of_s: float | None = None
+    ) -> ProcessResult:
+        """Run ffmpeg with `args` (after the common flags), bounded by the stage's deadline.
+
+        With `progress_of_s` (the length of media the command processes), ffmpeg's `-progress`
+        reports are turned into progress of the stage.
+        """
         full = [self.ffmpeg_path, "-hide_banner", "-nostdin", "-y"]
         if self.threads:
             full += ["-threads", str(self.threads)]
-        result = run_process([*full, *args], timeout_s=self.remaining(), tool="ffmpeg", check=check)
+        on_line = None
+        if progress_of_s:
+            full += ["-progress", "pipe:1", "-stats_period", "1"]
+            on_line = _progress_parser(progress_of_s, self.progress)
+        result = run_process(
+            [*full, *args],
+            timeout_s=self.remaining(),
+            tool="ffmpeg",
+            check=check,
+            on_stdout_line=on_line,
+        )
         self.pids.append(result.pid)
         return result
 
@@ -82,6 +99,20 @@ class RecipeContext:
         """The probe of input `name`, reusing the one recorded at ingest when there is one."""
         stage_file = self.input(name)
         return stage_file.probe or self.probe(stage_file.path)
+
+
+def _progress_parser(total_s: float, report: ProgressReporter) -> Callable[[str], None]:
+    """Turn ffmpeg's `-progress` key=value lines into fractions of `total_s`."""
+
+    def on_line(line: str) -> None:
+        key, _, value = line.partition("=")
+        if key == "out_time_us" and value.strip().isdigit():
+            done_s = int(value) / 1_000_000
+            report(min(1.0, done_s / total_s), f"{done_s:.1f} of {total_s:.1f} s")
+        elif key == "progress" and value.strip() == "end":
+            report(1.0, "done")
+
+    return on_line
 
 
 Recipe = Callable[[RecipeContext], RecipeOutput]

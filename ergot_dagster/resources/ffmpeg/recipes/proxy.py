@@ -72,7 +72,7 @@ def proxy(ctx: RecipeContext) -> RecipeOutput:
     if audio_stream is not None:
         # -rf64 auto: a WAV over 4 GiB needs RF64 headers; smaller ones stay plain RIFF.
         args += ["-map", f"0:{audio_stream}", "-c:a", "pcm_s16le", "-rf64", "auto", str(audio_path)]
-    ctx.ffmpeg(["-loglevel", "error", *args])
+    ctx.ffmpeg(["-loglevel", "error", *args], progress_of_s=summary.duration_s)
 
     outputs: dict[str, Path | list[Path]] = {"proxy": proxy_path}
     if audio_stream is not None:

@@ -195,7 +195,7 @@ def qc(ctx: RecipeContext) -> RecipeOutput:
             f"silencedetect=n={detection.silence_noise_db}dB:d={detection.silence_min_s}",
         ]
     args += ["-f", "null", "-"]
-    stderr = ctx.ffmpeg(args).stderr
+    stderr = ctx.ffmpeg(args, progress_of_s=summary.duration_s).stderr
 
     duration = summary.duration_s or _decoded_duration(stderr)
 
