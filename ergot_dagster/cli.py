@@ -397,13 +397,25 @@ def submit(
             max_retries=max_retries,
             timeout_s=timeout_s,
         )
-    except (ValidationError, json.JSONDecodeError) as exc:
-        _fail(f"invalid request: {exc}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        _fail(f"invalid request: {problems}")
+    except json.JSONDecodeError as exc:
+        _fail(f"invalid request: --context is not JSON: {exc}")
     client = _client(ErgotSettings.from_env())
     try:
         handle = client.submit(request)
         if wait_s is not None:
-            _print_status(client.wait(handle.run_id, wait_s), as_json)
+            final = client.wait(handle.run_id, wait_s)
+            if as_json:
+                _emit_json({**json.loads(final.model_dump_json()), "existing": handle.existing})
+            else:
+                _print_status(final, as_json)
+            if final.status != "SUCCESS":
+                _fail(f"run {final.run_id} ended {final.status}")
             return
     except _client_errors() as exc:
         _fail(str(exc))

@@ -424,6 +424,9 @@ def test_killed_worker_is_retried_reusing_artifacts(plane: Plane) -> None:
 
     assert plane.wait(first.run_id, "FAILURE").status == "FAILURE"
     plane.studio.configure(hang=False)
+    # Waiting on the request's run follows it to its retry.
+    followed = plane.client.wait(first.run_id, timeout_s=120)
+    assert followed.status == "SUCCESS" and followed.parent_run_id == first.run_id
     retry = until(
         "the retry run",
         lambda: [r for r in plane.client.runs_of_request(first.request_id) if r.parent_run_id],
@@ -557,3 +560,31 @@ def test_events_tell_the_story_of_a_run(plane: Plane) -> None:
 def test_unroutable_request_is_refused_before_any_run(plane: Plane) -> None:
     with pytest.raises(RequestRejectedError, match="no runtime target can run studio"):
         plane.client.submit(plane.request("speak", "cam/talk.mov", execution_target="remote"))
+
+
+def test_a_refused_run_is_not_retried(plane: Plane) -> None:
+    first = plane.client.submit(plane.request("speak", "cam/talk.mov", max_retries=2))
+    plane.wait(first.run_id)
+    # Another body under the same request id, sent past the client's own check, as a racing
+    # submitter would: the queue refuses it, and run retries must not start it anyway.
+    other = plane.request(
+        "speak",
+        "cam/talk.mov",
+        request_id=first.request_id,
+        max_retries=2,
+        settings={"text": "something else"},
+    )
+    refused = plane.client.launch(plane.client.plan(other))
+    assert refused.run_id != first.run_id
+    assert plane.wait(refused.run_id).status == "FAILURE"
+    messages = [e.message or "" for e in plane.instance.all_logs(refused.run_id)]
+    assert any("was already used for a different request" in m for m in messages)
+    until(
+        "the retry daemon to decide",
+        lambda: plane.client.status(refused.run_id).tags.get("dagster/will_retry"),
+    )
+    assert plane.client.status(refused.run_id).tags["dagster/will_retry"] == "false"
+    assert [r.run_id for r in plane.client.runs_of_request(first.request_id)] == [
+        first.run_id,
+        refused.run_id,
+    ]

@@ -195,3 +195,34 @@ def test_step_retry_backoff_doubles_with_jitter() -> None:
     assert retry.should_retry(2) and not retry.should_retry(3)
     for attempt, base in [(0, 2), (1, 4), (2, 8)]:
         assert base * 0.75 <= retry.delay_for(attempt) <= base * 1.25
+
+
+def test_a_named_target_serves_its_runtime_and_the_rest_route_locally(tmp_path: Path) -> None:
+    from ergot_dagster.workflows.model import WorkflowDefinition
+    from tests.test_durability import VOICE_PROMPT
+
+    config = load_targets(
+        _targets(
+            tmp_path,
+            [
+                {
+                    "name": "studio-gpu",
+                    "runtime": "studio",
+                    "capabilities": ["voice.prompt"],
+                    "locality": {"kind": "remote", "site": "gpu-rack"},
+                    "endpoint": "http://10.0.0.9:80",
+                },
+            ],
+        )
+    )
+    plan = WorkflowDefinition.model_validate(VOICE_PROMPT)
+    routed = route(plan, config, "studio-gpu")
+    assert {r: t.name for r, t in routed.items()} == {
+        "ffmpeg": "ffmpeg-local",
+        "studio": "studio-gpu",
+    }
+    local_only = plan.model_copy(
+        update={"execution": plan.execution.model_copy(update={"remote": False})}
+    )
+    with pytest.raises(RoutingError, match="does not support remote execution"):
+        route(local_only, config, "remote")

@@ -25,6 +25,7 @@ from ergot_dagster.orchestration import tags as T
 from ergot_dagster.requests.model import ProcessingRequest
 from ergot_dagster.requests.planning import RequestCatalog, RunPlan, plan_run
 
+WILL_RETRY = "dagster/will_retry"
 LOCATION = "ergot"
 REPOSITORY = "__repository__"
 
@@ -135,29 +136,56 @@ class ErgotClient:
             raise UnknownRunError(f"unknown run {run_id!r}")
         return found
 
+    def _retry_of(self, run: RunStatus) -> RunStatus | None:
+        """The run Dagster started to retry `run`, if any yet."""
+        if run.request_id is None:
+            return None
+        return next(
+            (r for r in self.runs_of_request(run.request_id) if r.parent_run_id == run.run_id),
+            None,
+        )
+
     def wait(self, run_id: str, timeout_s: float, poll_s: float = 0.5) -> RunStatus:
-        """Poll until the run finishes or `timeout_s` passes (then `TimeoutError`)."""
+        """Poll until the request's run is done, following run retries; `TimeoutError` after
+        `timeout_s`.
+
+        A failed run that Dagster will retry (`dagster/will_retry`) is not the end: the wait moves
+        on to the retry, and returns the last run of the chain.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status(run_id)
             if status.finished:
-                return status
+                if status.status != "FAILURE" or status.tags.get(WILL_RETRY) != "true":
+                    return status
+                retry = self._retry_of(status)
+                if retry is not None:
+                    run_id = retry.run_id
+                    continue
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"run {run_id} is still {status.status} after {timeout_s:g} s")
             time.sleep(poll_s)
 
-    def cancel(self, run_id: str) -> RunStatus:
-        """Cancel a queued run (it never starts) or a running one (it ends CANCELED)."""
-        result = self._gql.execute(TERMINATE_MUTATION, {"runId": run_id})["terminateRun"]
-        kind = result["__typename"]
-        if kind == "RunNotFoundError":
-            raise UnknownRunError(f"unknown run {run_id!r}")
-        if kind != "TerminateRunSuccess":
+    def cancel(self, run_id: str, timeout_s: float = 30.0) -> RunStatus:
+        """Cancel a queued run (it never starts) or a running one (it ends CANCELED).
+
+        Dagster cannot terminate a run in the moment it is STARTING (its worker has no address
+        yet); the cancel is tried again until the run has started, within `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self._gql.execute(TERMINATE_MUTATION, {"runId": run_id})["terminateRun"]
+            kind = result["__typename"]
+            if kind == "RunNotFoundError":
+                raise UnknownRunError(f"unknown run {run_id!r}")
+            if kind == "TerminateRunSuccess":
+                return self.status(run_id)
             current = self.status(run_id)
             if current.finished:
                 return current
-            raise LaunchError(f"could not cancel run {run_id}: {result.get('message', kind)}")
-        return self.status(run_id)
+            if current.status != "STARTING" or time.monotonic() >= deadline:
+                raise LaunchError(f"could not cancel run {run_id}: {result.get('message', kind)}")
+            time.sleep(0.5)
 
     # -- submission ------------------------------------------------------------------------
 
@@ -198,6 +226,12 @@ class ErgotClient:
         first = self._first_run(request.request_id)
         if first is not None:
             return self._accepted(request, first, existing=True)
+        # The queue answers with the request's first run when another submission of the same
+        # request id got there first; that run is this request's run.
+        return self._accepted(request, self.launch(plan), existing=False)
+
+    def launch(self, plan: RunPlan) -> RunStatus:
+        """Launch a planned run through the queue, without looking for an earlier one first."""
         params = {
             "selector": {
                 "repositoryLocationName": self._location,
@@ -215,9 +249,7 @@ class ErgotClient:
         }
         result = self._gql.execute(LAUNCH_MUTATION, {"params": params})["launchRun"]
         if result["__typename"] == "LaunchRunSuccess":
-            # The queue answers with the request's first run when another submission of the same
-            # request id got there first; that run is this request's run.
-            return self._accepted(request, self.status(result["run"]["runId"]), existing=False)
+            return self.status(result["run"]["runId"])
         errors = result.get("errors") or []
         detail = (
             "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]

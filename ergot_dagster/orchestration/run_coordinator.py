@@ -86,12 +86,11 @@ class ErgotRunCoordinator(QueuedRunCoordinator):
         first = duplicate_of(instance, run)
         if first is not None:
             if not same_request(first, run):
-                instance.report_run_failed(
+                return self._refuse(
                     run,
                     f"request id {run.tags.get(T.REQUEST_ID)!r} was already used for a different "
                     f"request (run {first.run_id}); use a new request id",
                 )
-                return instance.get_run_by_id(run.run_id) or run
             # The same request again: it has a run already. This one never existed.
             instance.delete_run(run.run_id)
             logger.info(f"run {run.run_id} repeats request of run {first.run_id}; removed")
@@ -100,14 +99,20 @@ class ErgotRunCoordinator(QueuedRunCoordinator):
         if run.status.value == "NOT_STARTED" and not already_routed:
             failure = self._route(run)
             if failure is not None:
-                instance.report_run_failed(run, failure)
-                reloaded = instance.get_run_by_id(run.run_id)
-                assert reloaded is not None
-                return reloaded
+                return self._refuse(run, failure)
             reloaded = instance.get_run_by_id(run.run_id)
             assert reloaded is not None
             context = SubmitRunContext(reloaded, context.workspace)
         return super().submit_run(context)
+
+    def _refuse(self, run: DagsterRun, reason: str) -> DagsterRun:
+        """Fail a run that must not run, and make sure run retries do not start it again."""
+        instance: DagsterInstance = self._instance
+        # Run retries re-run any failure that is not a step failure, deciding from the run's own
+        # `dagster/max_retries` when it fails; this one would only fail the same way again.
+        instance.add_run_tags(run.run_id, {T.MAX_RETRIES: "0"})
+        instance.report_run_failed(run, reason)
+        return instance.get_run_by_id(run.run_id) or run
 
     def _route(self, run: DagsterRun) -> str | None:
         """Tag the run with its targets; return the reason when it cannot be routed."""

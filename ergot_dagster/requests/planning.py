@@ -20,7 +20,7 @@ from ergot_dagster.refs import is_artifact_ref, ref_to_partition_key
 from ergot_dagster.requests.model import ProcessingRequest
 from ergot_dagster.sources.record import SourceRecord
 from ergot_dagster.targets.config import TargetsConfig
-from ergot_dagster.targets.routing import LOCALITIES, route
+from ergot_dagster.targets.routing import check_execution, route
 from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.run_config import run_config_for
 from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
@@ -99,15 +99,8 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
     except SettingsError as exc:
         raise RequestError(f"{definition.spec}: invalid settings: {exc}") from exc
     target = request.execution_target
-    wants_remote = target == "remote"
+    check_execution(definition, target)
     targets = catalog.targets()
-    if targets is not None and target not in LOCALITIES:
-        named = targets.get(target)
-        wants_remote = named is not None and named.locality.kind == "remote"
-    if wants_remote and not definition.execution.remote:
-        raise RequestError(f"{definition.spec} does not support remote execution")
-    if not wants_remote and not definition.execution.local:
-        raise RequestError(f"{definition.spec} does not support local execution")
     if targets is not None:
         route(definition, targets, target)  # raises, naming what each target lacked
     _check_sources(request, definition, catalog)
@@ -122,7 +115,7 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
         T.PARTITION: ref_to_partition_key(request.sources.primary),
         T.PRIORITY: str(request.priority),
         T.MAX_RETRIES: str(request.max_retries),
-        # A failed step was already retried by its retry policy when that could help; run
+        # A failed step was already retried as a step when its cause was transient; run
         # retries are for runs whose worker died.
         T.RETRY_ON_STEP_FAILURE: "false",
     }

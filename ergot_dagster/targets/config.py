@@ -86,7 +86,10 @@ def cached_targets(path: Path) -> TargetsConfig:
 
     The run queue asks for the limits on every dequeue; parsing YAML each time is waste.
     """
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        raise DefinitionError(f"runtime targets file {path} does not exist") from None
     overrides = tuple(
         sorted((k, v) for k, v in os.environ.items() if k.startswith("ERGOT_TARGET_"))
     )

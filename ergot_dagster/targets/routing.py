@@ -1,7 +1,9 @@
 """Routing: which target runs each runtime type of a workflow, for one run.
 
 A stage goes to a target whose runtime type matches and whose capabilities cover the workflow's.
-The request may name a target or a locality (`local`, `remote`). Targets known to be unhealthy are
+The request may name a locality (`local`, `remote`: where the run executes, which the workflow's
+`execution` flags must allow) or a target, which then serves the stages of its own runtime type
+while the workflow's other runtime types are routed locally. Targets known to be unhealthy are
 skipped while a healthy one can serve. When none can serve, routing fails at once with what was
 asked and what each target lacked.
 """
@@ -48,6 +50,15 @@ def _why_not(
     return None
 
 
+def check_execution(definition: WorkflowDefinition, execution_target: str) -> None:
+    """Refuse a locality the workflow's `execution` flags do not allow."""
+    remote = execution_target == "remote"
+    if remote and not definition.execution.remote:
+        raise RoutingError(f"{definition.spec} does not support remote execution")
+    if not remote and not definition.execution.local:
+        raise RoutingError(f"{definition.spec} does not support local execution")
+
+
 def route(
     definition: WorkflowDefinition,
     config: TargetsConfig,
@@ -62,14 +73,19 @@ def route(
             f"execution target {execution_target!r} is neither local, remote nor a known target "
             f"(known: {known})"
         )
+    check_execution(definition, execution_target)
+    named = config.get(execution_target) if execution_target not in LOCALITIES else None
     down = set(unhealthy)
     routed: dict[str, RuntimeTarget] = {}
     for runtime in runtime_types(definition):
+        asked = execution_target
+        if named is not None and named.runtime != runtime:
+            asked = "local"
         capabilities = definition.required_capabilities(runtime)
         reasons: dict[str, str] = {}
         candidates = []
         for target in config.targets:
-            reason = _why_not(target, runtime, capabilities, execution_target, down)
+            reason = _why_not(target, runtime, capabilities, asked, down)
             if reason is None:
                 candidates.append(target)
             else:
@@ -80,7 +96,7 @@ def route(
             lacking = "; ".join(f"{name} {why}" for name, why in reasons.items()) or "none exist"
             raise RoutingError(
                 f"no runtime target can run {runtime} stages of {definition.spec} "
-                f"(asked: {execution_target}, capabilities {sorted(capabilities) or 'none'}): "
+                f"(asked: {asked}, capabilities {sorted(capabilities) or 'none'}): "
                 f"{lacking}"
             )
         preferred = [t for t in candidates if definition.name in t.routing.prefer_for]

@@ -64,6 +64,10 @@ def _failure(exc: BaseException, definition: WorkflowDefinition | None) -> Failu
         metadata["job_id"] = job_id
     if isinstance(exc, PlanFailure):
         metadata["failed_artifacts"] = MetadataValue.json(exc.summary())
+        causes = {type(error).__name__ for error in exc.failures.values()}
+        if len(causes) == 1:
+            # One cause for everything that failed: name it, not the aggregate.
+            metadata["error_type"] = causes.pop()
     prefix = f"{definition.spec}: " if definition else ""
     return Failure(description=f"{prefix}{exc}", metadata=metadata, allow_retries=transient)
 

@@ -12,7 +12,8 @@ stage's `timeout_s`; a job still unfinished at the deadline, or a wait interrupt
 cancellation, is cancelled on the server with `POST /v1/jobs/{id}/cancel`.
 
 The adapter never retries a failed submit: the error is classified (transient or permanent) and
-retrying is left to Dagster's op retry policy, so that every attempt is on record.
+retrying is left to the plane's step retries (Dagster's RetryRequested), so that every attempt is
+on record.
 """
 
 from __future__ import annotations
