@@ -49,76 +49,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 STUDIO_CAPABILITIES = ["tts", "voice.prompt"]
 
-# Test workflows on the Studio runtime, beside the repository's own definitions.
-SPEAK: dict[str, Any] = {
-    "name": "speak",
-    "family": "durability",
-    "version": 1,
-    "description": "Speech for a script, from a Studio server (the loopback renders a tone).",
-    "runtime": "studio",
-    "capabilities": ["tts"],
-    "inputs": {"source": {"primary": True, "media_types": ["video/*", "audio/*"]}},
-    "settings": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {"text": {"type": "string", "minLength": 1, "default": "hello from ergot"}},
-    },
-    "outputs": {"speech": {"media_type": "audio/wav"}},
-    "plan": [
-        {
-            "id": "speak",
-            "operation": "tts",
-            "params": {"text": "${settings.text}"},
-            "outputs": {"audio": "speech"},
-            "timeout_s": 60,
-        }
-    ],
-    "execution": {"local": True, "remote": True},
-}
-
+# The Studio example workflows (examples/studio), beside the repository's own definitions.
+EXAMPLES = PROJECT_ROOT / "examples" / "studio"
+SPEAK: dict[str, Any] = yaml.safe_load((EXAMPLES / "speak.v1.yaml").read_text())
+VOICE_PROMPT: dict[str, Any] = yaml.safe_load((EXAMPLES / "voice_prompt.v1.yaml").read_text())
 SPEAK_SHORT = {
     **SPEAK,
     "name": "speak_short",
     "description": "speak, with a 3 s bound on the Studio stage.",
     "plan": [{**SPEAK["plan"][0], "timeout_s": 3}],
-}
-
-VOICE_PROMPT: dict[str, Any] = {
-    "name": "voice_prompt",
-    "family": "durability",
-    "version": 1,
-    "description": "The sound of a clip (ffmpeg), then a reference clip and transcript (Studio).",
-    "runtime": "plan",
-    "capabilities": ["video.decode", "voice.prompt"],
-    "inputs": {"source": {"primary": True, "media_types": ["video/*"]}},
-    "settings": {"type": "object", "additionalProperties": False, "properties": {}},
-    "outputs": {
-        "audio": {"media_type": "audio/wav"},
-        "clip": {"media_type": "audio/wav"},
-        "transcript": {"media_type": "application/json"},
-    },
-    "plan": [
-        {
-            "id": "extract",
-            "runtime": "ffmpeg",
-            "operation": "proxy",
-            "inputs": {"media": "${inputs.source}"},
-            "params": {"height": 90, "preset": "ultrafast"},
-            "outputs": {"audio": "audio", "proxy": None},
-            "capabilities": ["video.decode", "audio.encode"],
-        },
-        {
-            "id": "prompt",
-            "runtime": "studio",
-            "operation": "voice_prompt",
-            "inputs": {"recording": "${stages.extract.audio}"},
-            "params": {"max_s": 2},
-            "outputs": {"clip": "clip", "transcript": "transcript"},
-            "capabilities": ["voice.prompt"],
-            "timeout_s": 60,
-        },
-    ],
-    "execution": {"local": True, "remote": True},
 }
 
 TEST_WORKFLOWS = [SPEAK, SPEAK_SHORT, VOICE_PROMPT]
@@ -438,13 +377,18 @@ def test_killed_worker_is_retried_reusing_artifacts(plane: Plane) -> None:
     assert [e["stage"] for e in plane.events(retry.run_id, "stage_reused")] == ["extract"]
     partition = "cam/talk.mov"
     assert (
-        plane.materialized(["durability", "voice_prompt", "audio"], partition).count(first.run_id)
+        plane.materialized(["studio_examples", "voice_prompt", "audio"], partition).count(
+            first.run_id
+        )
         == 1
     )
     assert retry.run_id not in plane.materialized(
-        ["durability", "voice_prompt", "audio"], partition
+        ["studio_examples", "voice_prompt", "audio"], partition
     )
-    assert plane.materialized(["durability", "voice_prompt", "clip"], partition)[0] == retry.run_id
+    assert (
+        plane.materialized(["studio_examples", "voice_prompt", "clip"], partition)[0]
+        == retry.run_id
+    )
     clip = plane.manifests(retry.run_id)["clip"]
     tree = walk(clip.ref, plane.store, lambda key: latest_source_record(plane.instance, key))
     assert tree.parents[0].ref == f"artifact:{first.run_id}/audio"
@@ -527,10 +471,12 @@ def test_partial_success_keeps_what_was_made_and_says_what_failed(plane: Plane) 
     assert "no speech found" in failed["clip"]["message"]
     assert failed["clip"]["retryable"] is False
     partition = "cam/talk.mov"
-    assert handle.run_id in plane.materialized(["durability", "voice_prompt", "audio"], partition)
+    assert handle.run_id in plane.materialized(
+        ["studio_examples", "voice_prompt", "audio"], partition
+    )
     for name in ("clip", "transcript"):
         assert handle.run_id not in plane.materialized(
-            ["durability", "voice_prompt", name], partition
+            ["studio_examples", "voice_prompt", name], partition
         )
     audio = plane.manifests(handle.run_id)["audio"]
     assert (
