@@ -70,6 +70,39 @@ def _parse_set(pairs: tuple[str, ...]) -> dict[str, Any]:
     return settings
 
 
+def _workflow_arguments(command: Any) -> Any:
+    """WORKFLOW SOURCE_REF [--set K=V]... [--input NAME=REF]...: what `run` and `submit` share."""
+    for decorator in reversed(
+        [
+            click.argument("workflow"),
+            click.argument("source_ref"),
+            click.option(
+                "--set", "sets", multiple=True, metavar="KEY=VALUE", help="a workflow setting"
+            ),
+            click.option(
+                "--input",
+                "input_pairs",
+                multiple=True,
+                metavar="NAME=REF",
+                help="another input: a source ref or an artifact ref",
+            ),
+        ]
+    ):
+        command = decorator(command)
+    return command
+
+
+def _parse_inputs(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--input voice=artifact:...` -> {"voice": "artifact:..."}."""
+    inputs = {}
+    for pair in pairs:
+        name, sep, ref = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
+        inputs[name] = ref
+    return inputs
+
+
 class _Errors(click.Group):
     """Turns errors into one clear line on stderr (set ERGOT_DEBUG=1 for the traceback)."""
 
@@ -226,16 +259,7 @@ def publish(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("workflow")
-@click.argument("source_ref")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a workflow setting")
-@click.option(
-    "--input",
-    "input_pairs",
-    multiple=True,
-    metavar="NAME=REF",
-    help="another input: a source ref or an artifact ref",
-)
+@_workflow_arguments
 @click.option("--verbose", is_flag=True, help="show the run's log as it happens")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def run(
@@ -250,12 +274,7 @@ def run(
     from ergot_dagster.workflows.sync_run import run_workflow
 
     settings = ErgotSettings.from_env()
-    inputs = {}
-    for pair in input_pairs:
-        name, sep, ref = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
-        inputs[name] = ref
+    inputs = _parse_inputs(input_pairs)
     outcome = run_workflow(
         workflow,
         source_ref,
@@ -324,16 +343,7 @@ def _print_status(status: Any, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("workflow")
-@click.argument("source_ref")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a workflow setting")
-@click.option(
-    "--input",
-    "input_pairs",
-    multiple=True,
-    metavar="NAME=REF",
-    help="another input: a source ref or an artifact ref",
-)
+@_workflow_arguments
 @click.option("--request-id", help="idempotency key (default: a new one)")
 @click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
 @click.option(
@@ -378,12 +388,7 @@ def submit(
 
     from ergot_dagster.requests.model import ProcessingRequest
 
-    inputs = {}
-    for pair in input_pairs:
-        name, sep, ref = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
-        inputs[name] = ref
+    inputs = _parse_inputs(input_pairs)
     try:
         context = json.loads(context_json) if context_json else {}
         request = ProcessingRequest(
