@@ -386,7 +386,7 @@ def submit(
 
     from pydantic import ValidationError
 
-    from ergot_dagster.requests.model import ProcessingRequest
+    from ergot_dagster.requests.model import ProcessingRequest, validation_summary
 
     inputs = _parse_inputs(input_pairs)
     try:
@@ -403,11 +403,7 @@ def submit(
             timeout_s=timeout_s,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        _fail(f"invalid request: {problems}")
+        _fail(f"invalid request: {validation_summary(exc)}")
     except json.JSONDecodeError as exc:
         _fail(f"invalid request: --context is not JSON: {exc}")
     client = _client(ErgotSettings.from_env())

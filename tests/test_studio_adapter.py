@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from ergot_dagster.settings import PROJECT_ROOT
 from ergot_dagster.targets.model import RuntimeTarget, TargetAuth
 from ergot_dagster.workflows.model import StageSpec
 from tests.servers.studio_server import StudioLoopbackServer
+from tests.support import until
 
 LOG = logging.getLogger("test.studio")
 TOKEN_ENV = "ERGOT_TEST_STUDIO_TOKEN"
@@ -94,14 +95,6 @@ def stage_request(
         target=target_for(url, auth),
         progress=progress,
     )
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def job_status(server: StudioLoopbackServer, job_id: str) -> str | None:
@@ -286,7 +279,7 @@ def test_a_hanging_job_times_out_and_is_cancelled_on_the_server(
     assert f"cancelled job {job_id} on studio-test" in str(caught.value)
     assert "did not finish within 1.5 s" in str(caught.value)
     assert server.state()["cancels"] == [job_id]
-    wait_until(lambda: job_status(server, job_id) == "canceled", "the job to be cancelled")
+    until("the job to be cancelled", lambda: job_status(server, job_id) == "canceled", 5.0)
 
 
 def test_a_stalled_server_on_submit_is_bounded_by_the_stage_timeout(
@@ -349,7 +342,7 @@ def test_an_interrupt_during_the_wait_cancels_the_job_and_propagates(
 
     job_id = server.state()["accepted"][0]
     assert server.state()["cancels"] == [job_id]
-    wait_until(lambda: job_status(server, job_id) == "canceled", "the job to be cancelled")
+    until("the job to be cancelled", lambda: job_status(server, job_id) == "canceled", 5.0)
 
 
 def test_a_job_cancelled_by_someone_else_is_transient(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -231,10 +230,6 @@ def _link_no_replace(staged: Path, final: Path, *, exist_ok: bool = True) -> Non
                 raise FileExistsError(final) from exc
             return
         os.rename(staged, final)
-
-
-def manifest_json(manifest: ArtifactManifest) -> dict:
-    return json.loads(manifest.model_dump_json())
 
 
 def open_store(location: str) -> ArtifactStore:

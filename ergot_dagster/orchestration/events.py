@@ -10,7 +10,6 @@ figures and ids, never credentials.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any, Protocol
 
@@ -95,24 +94,5 @@ class DagsterRunEvents:
                     progress=fraction,
                     detail=message,
                 )
-
-        return report
-
-
-class LoggingRunEvents:
-    """Run events as log lines, for code that runs outside a Dagster run."""
-
-    def __init__(self, log: logging.Logger) -> None:
-        self.log = log
-
-    def emit(self, kind: str, message: str, **fields: Any) -> None:
-        self.log.info(f"{message} {json.dumps({'ergot_event': kind, **fields}, default=str)}")
-
-    def progress_reporter(self, stage: str) -> ProgressReporter:
-        throttle = _Throttle()
-
-        def report(fraction: float | None, message: str) -> None:
-            if throttle.due(fraction):
-                self.emit("stage_progress", f"stage {stage}: {message}", progress=fraction)
 
         return report

@@ -14,13 +14,13 @@ from pydantic import BaseModel
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.errors import RequestError, SourceError
-from ergot_dagster.media.probe import media_type_matches
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.refs import is_artifact_ref, ref_to_partition_key
 from ergot_dagster.requests.model import ProcessingRequest
 from ergot_dagster.sources.record import SourceRecord
 from ergot_dagster.targets.config import TargetsConfig
 from ergot_dagster.targets.routing import check_execution, route
+from ergot_dagster.workflows.inputs import check_input_names, check_media_type
 from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.run_config import run_config_for
 from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
@@ -53,14 +53,6 @@ class RunPlan(BaseModel):
     tags: dict[str, str]
 
 
-def _check_media(definition: WorkflowDefinition, name: str, ref: str, media_type: str) -> None:
-    accepted = definition.inputs[name].media_types
-    if not media_type_matches(media_type, accepted):
-        raise SourceError(
-            f"input {name!r} ({ref}) is {media_type}, but only {', '.join(accepted)} is accepted"
-        )
-
-
 def _check_sources(
     request: ProcessingRequest, definition: WorkflowDefinition, catalog: RequestCatalog
 ) -> None:
@@ -68,27 +60,26 @@ def _check_sources(
     record = catalog.source(request.sources.primary)
     if record is None:
         raise SourceError(
-            f"source {request.sources.primary!r} has not been ingested; ingest it first"
+            f"source {request.sources.primary!r} has not been ingested; run `ergot ingest` on "
+            "it first"
         )
-    _check_media(definition, primary, request.sources.primary, record.media_type)
-    unknown = sorted(set(request.sources.inputs) - set(definition.inputs))
-    if unknown or primary in request.sources.inputs:
+    check_media_type(definition, primary, request.sources.primary, record.media_type)
+    check_input_names(definition, request.sources.inputs)
+    if primary in request.sources.inputs:
         raise RequestError(
-            f"no input(s) named {', '.join(unknown or [primary + ' (it is the primary source)'])}"
-            f"; the other inputs of {definition.spec} are "
-            f"{', '.join(n for n in definition.inputs if n != primary) or 'none'}"
+            f"input {primary!r} is the primary source; give it as `sources.primary` only"
         )
     for name, ref in request.sources.inputs.items():
         if is_artifact_ref(ref):
             manifest = catalog.artifact(ref)
             if manifest is None:
                 raise RequestError(f"input {name!r}: no artifact {ref}")
-            _check_media(definition, name, ref, manifest.media_type)
+            check_media_type(definition, name, ref, manifest.media_type)
         else:
             other = catalog.source(ref)
             if other is None:
                 raise SourceError(f"input {name!r}: source {ref!r} has not been ingested")
-            _check_media(definition, name, ref, other.media_type)
+            check_media_type(definition, name, ref, other.media_type)
 
 
 def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:

@@ -26,17 +26,15 @@ from ergot_dagster.refs import (
 from ergot_dagster.resources.runtime import StageFile
 from ergot_dagster.sources.record import latest_source_record
 from ergot_dagster.workflows.execute import WorkflowInput
-from ergot_dagster.workflows.model import InputSpec, WorkflowDefinition
+from ergot_dagster.workflows.model import WorkflowDefinition
 
 
-def check_media_type(
-    definition: WorkflowDefinition, name: str, spec: InputSpec, ref: str, media_type: str
-) -> None:
+def check_media_type(definition: WorkflowDefinition, name: str, ref: str, media_type: str) -> None:
     """Refuse media of a type that input `name` does not accept, naming both."""
-    if not media_type_matches(media_type, spec.media_types):
+    accepted = definition.inputs[name].media_types
+    if not media_type_matches(media_type, accepted):
         raise SourceError(
-            f"input {name!r} ({ref}) is {media_type}, but only "
-            f"{', '.join(spec.media_types)} is accepted"
+            f"input {name!r} ({ref}) is {media_type}, but only {', '.join(accepted)} is accepted"
         )
 
 
@@ -67,7 +65,7 @@ def source_input(
             f"source {ref!r} has not been ingested; run `ergot ingest` on it or wait for the "
             "ingest sensor"
         )
-    check_media_type(definition, name, definition.inputs[name], ref, record.media_type)
+    check_media_type(definition, name, ref, record.media_type)
     # The file is read from the root it was ingested under, and must still lie inside it.
     try:
         path = resolve_under_root(Path(record.root), ref)
@@ -95,7 +93,7 @@ def artifact_input(
     *, store: ArtifactStore, definition: WorkflowDefinition, name: str, manifest: ArtifactManifest
 ) -> WorkflowInput:
     """Bind input `name` to a stored artifact."""
-    check_media_type(definition, name, definition.inputs[name], manifest.ref, manifest.media_type)
+    check_media_type(definition, name, manifest.ref, manifest.media_type)
     files: StageFile | list[StageFile]
     if manifest.kind == "set":
         files = [

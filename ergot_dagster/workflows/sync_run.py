@@ -7,23 +7,22 @@ UI with its events, materializations and checks.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from dagster import DagsterInstance, execute_job
+from dagster import AssetKey, DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.store import open_store
-from ergot_dagster.errors import RequestError, SourceError
-from ergot_dagster.refs import InvalidRefError, ref_to_partition_key
+from ergot_dagster.errors import RequestError
+from ergot_dagster.requests.catalog import LocalCatalog
+from ergot_dagster.requests.model import ProcessingRequest, validation_summary
+from ergot_dagster.requests.planning import plan_run
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
-from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME, latest_source_record
-from ergot_dagster.workflows.inputs import check_input_names, check_media_type
+from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
-from ergot_dagster.workflows.materialize import artifact_key
-from ergot_dagster.workflows.run_config import run_config_for
-from ergot_dagster.workflows.settings_schema import SettingsError, validate_settings
 
 DEFINITIONS_MODULE = "ergot_dagster.definitions"
 
@@ -61,58 +60,41 @@ def run_workflow(
     instance: DagsterInstance,
     settings: ErgotSettings,
     inputs: dict[str, str] | None = None,
-    tags: dict[str, str] | None = None,
     log_level: str = "CRITICAL",
 ) -> RunOutcome:
-    """Validate, then execute `spec` on `source_ref` and wait for it to finish."""
+    """Check the request as any other (`plan_run`), then run it here and wait for it to finish.
+
+    A plainly wrong request is refused before a run exists, so no failed run is left behind.
+    """
     registry = load_registry(settings.workflow_defs)
-    definition = registry.get(spec)
-    try:
-        filled = validate_settings(definition.settings, settings_in)
-    except SettingsError as exc:
-        raise RequestError(f"{definition.spec}: invalid settings: {exc}") from exc
-    try:
-        partition_key = ref_to_partition_key(source_ref)
-    except InvalidRefError as exc:
-        raise SourceError(str(exc)) from exc
     store = open_store(settings.storage)
-    record = (
-        latest_source_record(instance, partition_key)
-        if instance.has_dynamic_partition(SOURCE_PARTITIONS_NAME, partition_key)
-        else None
-    )
-    if record is None:
-        raise SourceError(
-            f"source {source_ref!r} has not been ingested; run `ergot ingest` on it first"
+    try:
+        request = ProcessingRequest(
+            request_id=f"run-{uuid.uuid4()}",
+            workflow=spec,
+            sources={"primary": source_ref, "inputs": inputs or {}},
+            settings=settings_in,
         )
-    # The run checks these too; checking here as well means a plainly wrong request is refused
-    # without leaving a failed run behind.
-    primary = definition.primary_input
-    check_media_type(definition, primary, definition.inputs[primary], source_ref, record.media_type)
-    check_input_names(definition, inputs or {})
+    except ValidationError as exc:
+        raise RequestError(f"invalid request: {validation_summary(exc)}") from exc
+    catalog = LocalCatalog(registry, instance, store, load_targets(settings.runtime_targets))
+    plan = plan_run(request, catalog)
+    definition = registry.get(spec)
 
     recon_repo = ReconstructableRepository.for_module(
         DEFINITIONS_MODULE, "defs", working_directory=str(PROJECT_ROOT)
     )
-    repo_def = recon_repo.get_definition()
-    keys = [artifact_key(definition, name) for name in definition.outputs]
-    job_def = repo_def.get_implicit_job_def_for_assets(keys)
+    keys = [AssetKey(key) for key in plan.asset_keys]
+    job_def = recon_repo.get_definition().get_implicit_job_def_for_assets(keys)
     if job_def is None:  # pragma: no cover - all workflow assets share one partitioning
         raise RequestError(f"{definition.spec} has no asset job")
-    run_tags = {
-        **job_def.get_tags_for_partition_key(partition_key, selected_asset_keys=keys),
-        "ergot/workflow": definition.spec,
-        "ergot/source_ref": source_ref,
-        **(tags or {}),
-    }
-    run_config = run_config_for(definition, filled, inputs)
-    run_config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    run_config = {**plan.run_config, "loggers": {"console": {"config": {"log_level": log_level}}}}
     result = execute_job(
         recon_repo.get_reconstructable_job(job_def.name),
         instance=instance,
         asset_selection=keys,
         run_config=run_config,
-        tags=run_tags,
+        tags=plan.tags,
     )
     run = instance.get_run_by_id(result.run_id)
     checks = []
