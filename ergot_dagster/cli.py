@@ -306,24 +306,11 @@ def run(
 
 # -- requests through the queue -------------------------------------------------------------
 
-DEFAULT_URL = "http://127.0.0.1:3000"
-
-
-def _client(settings: ErgotSettings) -> Any:
-    """A client of the plane at ERGOT_DAGSTER_URL, planning requests with the local catalog."""
-    from ergot_dagster.artifacts.store import open_store
+def _client() -> Any:
+    """A client of the plane at ERGOT_DAGSTER_URL (default http://127.0.0.1:3000)."""
     from ergot_dagster.client import ErgotClient
-    from ergot_dagster.requests.catalog import LocalCatalog
-    from ergot_dagster.targets.config import load_targets
-    from ergot_dagster.workflows.loader import load_registry
 
-    catalog = LocalCatalog(
-        registry=load_registry(settings.workflow_defs),
-        instance=_instance(settings),
-        store=open_store(settings.storage),
-        targets=load_targets(settings.runtime_targets),
-    )
-    return ErgotClient(os.environ.get("ERGOT_DAGSTER_URL", DEFAULT_URL), catalog=catalog)
+    return ErgotClient.from_env()
 
 
 def _client_errors() -> tuple[type[Exception], ...]:
@@ -336,10 +323,19 @@ def _print_status(status: Any, as_json: bool) -> None:
     if as_json:
         _emit_json(status)
         return
+    started = status.created_at.strftime("%Y-%m-%d %H:%M:%S") if status.created_at else "-"
     click.echo(
         f"run {status.run_id}  {status.status}  {status.workflow or '-'}  "
-        f"request {status.request_id or '-'}  priority {status.priority}"
+        f"source {status.source_ref or '-'}  request {status.request_id or '-'}  "
+        f"priority {status.priority}  created {started}"
     )
+    if status.parent_run_id:
+        click.echo(f"  retry of {status.parent_run_id}")
+    for outcome in status.artifacts:
+        detail = outcome.ref or outcome.error or ""
+        click.echo(f"  {outcome.name:<16} {outcome.status:<12} {detail}")
+    if status.error is not None:
+        click.echo(f"  error: {status.error.message}")
 
 
 @main.command()
@@ -406,7 +402,7 @@ def submit(
         _fail(f"invalid request: {validation_summary(exc)}")
     except json.JSONDecodeError as exc:
         _fail(f"invalid request: --context is not JSON: {exc}")
-    client = _client(ErgotSettings.from_env())
+    client = _client()
     try:
         handle = client.submit(request)
         if wait_s is not None:
@@ -434,17 +430,106 @@ def _run_command(action: str) -> Any:
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
     def command(run_id: str, as_json: bool) -> None:
         try:
-            _print_status(getattr(_client(ErgotSettings.from_env()), action)(run_id), as_json)
+            _print_status(getattr(_client(), action)(run_id), as_json)
         except _client_errors() as exc:
             _fail(str(exc))
 
     return command
 
 
-main.command(name="status", help="Where a run stands.")(_run_command("status"))
+main.command(name="status", help="Where a run stands, and each artifact's outcome.")(
+    _run_command("status")
+)
 main.command(
     name="cancel", help="Cancel a run: a queued one never starts, a running one ends CANCELED."
 )(_run_command("cancel"))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def retry(run_id: str, as_json: bool) -> None:
+    """Start a new run of a failed or canceled run's request, linked to it."""
+    try:
+        handle = _client().retry(run_id)
+    except _client_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(handle)
+    else:
+        click.echo(f"run {handle.run_id}  {handle.status}  retries {run_id}")
+
+
+@main.command()
+@click.option("--workflow", help="`name` or `name@version`")
+@click.option("--status", "statuses", multiple=True, help="e.g. QUEUED, STARTED, FAILURE")
+@click.option("--source", "source_ref", help="a source ref")
+@click.option("--request-id", help="a request id")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--cursor", help="the cursor printed after the previous page")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def runs(
+    workflow: str | None,
+    statuses: tuple[str, ...],
+    source_ref: str | None,
+    request_id: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """List runs, newest first, one page at a time."""
+    try:
+        page = _client().list_runs(
+            workflow=workflow,
+            status=list(statuses) or None,
+            source_ref=source_ref,
+            request_id=request_id,
+            limit=limit,
+            cursor=cursor,
+        )
+    except _client_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(page)
+        return
+    for status in page.runs:
+        click.echo(
+            f"{status.run_id}  {status.status:<9} {status.workflow or '-':<24} "
+            f"{status.source_ref or '-'}  request {status.request_id or '-'}"
+        )
+    if not page.runs:
+        click.echo("no runs")
+    if page.has_more:
+        click.echo(f"more: --cursor {page.cursor}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--all", "everything", is_flag=True, help="also Dagster's own step/engine events")
+@click.option("--cursor", help="read on from this cursor")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def events(run_id: str, everything: bool, cursor: str | None, as_json: bool) -> None:
+    """A run's structured events: stages, progress, artifacts, failures."""
+    try:
+        page = _client().events(run_id, cursor=cursor)
+    except _client_errors() as exc:
+        _fail(str(exc))
+    shown = [
+        e
+        for e in page.events
+        if everything
+        or e.kind
+        or e.type in ("ASSET_MATERIALIZATION", "STEP_FAILURE", "RUN_FAILURE", "RUN_SUCCESS")
+        or e.type.startswith("RUN_")
+    ]
+    if as_json:
+        _emit_json({**json.loads(page.model_dump_json()), "events": shown})
+        return
+    for event in shown:
+        label = event.kind or event.type
+        click.echo(f"{event.timestamp:%H:%M:%S.%f}"[:-3] + f"  {label:<22} {event.message}")
+    if page.has_more:
+        click.echo(f"more: --cursor {page.cursor}")
 
 
 # -- artifacts and lineage ------------------------------------------------------------------
@@ -481,14 +566,17 @@ def artifacts(run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def lineage(artifact_ref: str, as_json: bool) -> None:
     """Print an artifact's parents, down to the ingested source files and their sha256."""
-    from ergot_dagster.artifacts.lineage import render, walk
+    from ergot_dagster.artifacts.lineage import render, store_manifests, walk
     from ergot_dagster.artifacts.store import open_store
+    from ergot_dagster.refs import ref_to_partition_key
     from ergot_dagster.sources.record import latest_source_record
 
     settings = ErgotSettings.from_env()
     instance = _instance(settings)
     tree = walk(
-        artifact_ref, open_store(settings.storage), lambda key: latest_source_record(instance, key)
+        artifact_ref,
+        store_manifests(open_store(settings.storage)),
+        lambda ref: latest_source_record(instance, ref_to_partition_key(ref)),
     )
     if as_json:
         _emit_json(tree)

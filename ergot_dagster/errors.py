@@ -20,6 +20,18 @@ class RequestError(ErgotError):
     """A request names something that does not exist or settings that break the schema."""
 
 
+class UnknownWorkflowError(RequestError):
+    """A request names a workflow, or a version of one, that is not published."""
+
+
+class InvalidSettingsError(RequestError):
+    """A request's settings break the workflow's settings schema; `problems` names each field."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
 class SourceError(ErgotError):
     """A source ref is unknown, unsafe, unreadable or not the media a workflow accepts."""
 

@@ -30,11 +30,12 @@ import pytest
 import yaml
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, RunsFilter
 
-from ergot_dagster.artifacts.lineage import walk
+from ergot_dagster.artifacts.lineage import store_manifests, walk
 from ergot_dagster.artifacts.store import LocalArtifactStore
 from ergot_dagster.client import ErgotClient, RequestRejectedError, RunStatus
 from ergot_dagster.media.synth import make_clip
 from ergot_dagster.orchestration import tags as T
+from ergot_dagster.refs import ref_to_partition_key
 from ergot_dagster.requests.catalog import LocalCatalog
 from ergot_dagster.requests.model import ProcessingRequest
 from ergot_dagster.settings import PROJECT_ROOT
@@ -390,7 +391,11 @@ def test_killed_worker_is_retried_reusing_artifacts(plane: Plane) -> None:
         == retry.run_id
     )
     clip = plane.manifests(retry.run_id)["clip"]
-    tree = walk(clip.ref, plane.store, lambda key: latest_source_record(plane.instance, key))
+    tree = walk(
+        clip.ref,
+        store_manifests(plane.store),
+        lambda ref: latest_source_record(plane.instance, ref_to_partition_key(ref)),
+    )
     assert tree.parents[0].ref == f"artifact:{first.run_id}/audio"
     assert tree.parents[0].parents[0].ref == "cam/talk.mov"
 

@@ -24,7 +24,7 @@ from dagster import (
     materialize,
 )
 
-from ergot_dagster.artifacts.lineage import walk
+from ergot_dagster.artifacts.lineage import store_manifests, walk
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.metadata import manifest_from_metadata
 from ergot_dagster.artifacts.store import LocalArtifactStore, open_store
@@ -231,7 +231,11 @@ def test_frame_sampling_image_set_and_contact_sheet_lineage(
         assert member.sha256 == _sha(path) and probe(path).width == 160
     assert frames.size == sum(m.size for m in frames.members)
     assert [p.ref for p in sheet.parents] == [frames.ref], "the sheet descends from the frames"
-    tree = walk(sheet.ref, plane.store, lambda key: latest_source_record(plane.instance, key))
+    tree = walk(
+        sheet.ref,
+        store_manifests(plane.store),
+        lambda ref: latest_source_record(plane.instance, ref_to_partition_key(ref)),
+    )
     source = tree.parents[0].parents[0]
     assert (source.kind, source.ref, source.status) == ("source", "turntable.mp4", "current")
     assert source.sha256 == _sha(ingest_root / "turntable.mp4")

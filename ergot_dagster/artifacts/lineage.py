@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import StoreError
-from ergot_dagster.refs import ref_to_partition_key
 from ergot_dagster.sources.record import SourceRecord
 
 MAX_DEPTH = 64
@@ -34,23 +34,42 @@ class LineageNode(BaseModel):
     parents: list[LineageNode] = Field(default_factory=list)
 
 
+ManifestLookup = Callable[[str], ArtifactManifest | None]
+SourceLookup = Callable[[str], SourceRecord | None]
+
+
+def store_manifests(store: ArtifactStore) -> ManifestLookup:
+    """Look manifests up in an artifact store at hand (on a machine of the plane)."""
+
+    def lookup(ref: str) -> ArtifactManifest | None:
+        try:
+            return store.get_manifest(ref)
+        except StoreError:
+            return None
+
+    return lookup
+
+
 def walk(
     ref: str,
-    store: ArtifactStore,
-    source_lookup: Callable[[str], SourceRecord | None],
+    manifest_of: ManifestLookup,
+    source_of: SourceLookup,
     *,
     sha256: str | None = None,
     input_name: str | None = None,
     depth: int = 0,
 ) -> LineageNode:
-    """The lineage tree of artifact `ref`. Raises `StoreError` if the artifact itself is unknown."""
+    """The lineage tree of artifact `ref`, from manifests and source records found by ref.
+
+    Raises `StoreError` if the artifact itself is unknown; an unknown ancestor is a node marked
+    `missing` (for artifacts) or `unknown` (for sources) instead.
+    """
     if depth > MAX_DEPTH:
         raise StoreError(f"lineage of {ref} is deeper than {MAX_DEPTH} steps")
-    try:
-        manifest = store.get_manifest(ref)
-    except StoreError:
+    manifest = manifest_of(ref)
+    if manifest is None:
         if depth == 0:
-            raise
+            raise StoreError(f"no artifact {ref}")
         return LineageNode(
             kind="artifact", ref=ref, sha256=sha256 or "", input=input_name, status="missing"
         )
@@ -69,15 +88,15 @@ def walk(
             node.parents.append(
                 walk(
                     parent.ref,
-                    store,
-                    source_lookup,
+                    manifest_of,
+                    source_of,
                     sha256=parent.sha256,
                     input_name=parent.input,
                     depth=depth + 1,
                 )
             )
             continue
-        record = source_lookup(ref_to_partition_key(parent.ref))
+        record = source_of(parent.ref)
         if record is None:
             status = "unknown"
         elif record.sha256 == parent.sha256:

@@ -1,152 +1,259 @@
-"""The typed client over Dagster's GraphQL API: submit a request, follow and cancel its run.
+"""The typed client over Dagster's GraphQL API: the consumer contract in Python.
 
-Submission plans the run with `requests.planning.plan_run` (the one path every entry point
-takes) and launches it. A request id accepted before returns the existing run: the client looks
-first, and the run queue makes sure of it when two submissions race (it answers the launch with
-the request's first run).
+Everything goes through the webserver's `/graphql` endpoint, so a consumer needs nothing but the
+plane's URL. Submission plans the run with `requests.planning.plan_run` (the one path every entry
+point takes) against a catalog read over GraphQL, so a bad request is refused before any run
+exists, with the failing field named. A request id accepted before returns the existing run: the
+client looks first, and the run queue makes sure of it when two submissions race.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
 
+import httpx
+
+from ergot_dagster.artifacts.lineage import LineageNode, walk
+from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.client import queries as Q
+from ergot_dagster.client.catalog import GraphQLCatalog
 from ergot_dagster.client.errors import (
+    ArtifactIntegrityError,
+    ArtifactUnreachableError,
+    ClientError,
+    InvalidSettingsError,
     LaunchError,
     RequestConflictError,
     RequestRejectedError,
+    RetryRefusedError,
+    SourceNotFoundError,
+    UnknownArtifactError,
     UnknownRunError,
+    UnknownWorkflowError,
 )
 from ergot_dagster.client.graphql import GraphQLTransport
-from ergot_dagster.client.models import RunHandle, RunStatus
-from ergot_dagster.errors import ErgotError
+from ergot_dagster.client.models import (
+    TERMINAL_STATUSES,
+    EventPage,
+    RunEvent,
+    RunHandle,
+    RunPage,
+    RunStatus,
+)
+from ergot_dagster.client.status import needs_events, run_event, run_status
+from ergot_dagster.errors import (
+    ErgotError,
+    SourceError,
+    StoreError,
+)
+from ergot_dagster.errors import (
+    InvalidSettingsError as PlaneSettingsError,
+)
+from ergot_dagster.errors import (
+    UnknownWorkflowError as PlaneUnknownWorkflowError,
+)
 from ergot_dagster.orchestration import tags as T
+from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
 from ergot_dagster.requests.model import ProcessingRequest
 from ergot_dagster.requests.planning import RequestCatalog, RunPlan, plan_run
 
 WILL_RETRY = "dagster/will_retry"
 LOCATION = "ergot"
 REPOSITORY = "__repository__"
-
-_RUN_FIELDS = """
-  runId status creationTime startTime endTime parentRunId rootRunId
-  tags { key value }
-"""
-
-RUN_QUERY = f"""
-query Run($runId: ID!) {{
-  runOrError(runId: $runId) {{
-    __typename
-    ... on Run {{ {_RUN_FIELDS} }}
-    ... on RunNotFoundError {{ message }}
-    ... on PythonError {{ message }}
-  }}
-}}"""
-
-LAUNCH_MUTATION = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId status } }
-    ... on RunConflict { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on PythonError { message className }
-    ... on Error { message }
-  }
-}"""
-
-RUNS_BY_TAG_QUERY = f"""
-query RunsByTag($key: String!, $value: String!) {{
-  runsOrError(filter: {{tags: [{{key: $key, value: $value}}]}}) {{
-    __typename
-    ... on Runs {{ results {{ {_RUN_FIELDS} }} }}
-    ... on PythonError {{ message }}
-  }}
-}}"""
-
-TERMINATE_MUTATION = """
-mutation Terminate($runId: String!) {
-  terminateRun(runId: $runId) {
-    __typename
-    ... on TerminateRunSuccess { run { runId status } }
-    ... on TerminateRunFailure { message }
-    ... on RunNotFoundError { message }
-    ... on PythonError { message }
-    ... on Error { message }
-  }
-}"""
+DEFAULT_URL = "http://127.0.0.1:3000"
+EVENT_PAGE = 1000
+CHUNK = 1 << 20
 
 
-def _time(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, tz=UTC) if value else None
+def _rejected(exc: ErgotError) -> RequestRejectedError:
+    """The plane's planning error as the client exception a consumer catches."""
+    if isinstance(exc, PlaneUnknownWorkflowError):
+        return UnknownWorkflowError(str(exc))
+    if isinstance(exc, PlaneSettingsError):
+        return InvalidSettingsError(str(exc), exc.problems)
+    if isinstance(exc, SourceError):
+        return SourceNotFoundError(str(exc))
+    return RequestRejectedError(str(exc))
 
 
-def _status(run: dict[str, Any]) -> RunStatus:
-    tags = {t["key"]: t["value"] for t in run.get("tags") or []}
-    return RunStatus(
-        run_id=run["runId"],
-        request_id=tags.get(T.REQUEST_ID),
-        workflow=tags.get(T.WORKFLOW),
-        status=run["status"],
-        priority=int(tags.get(T.PRIORITY, "0") or 0),
-        tags=tags,
-        created_at=_time(run.get("creationTime")),
-        started_at=_time(run.get("startTime")),
-        ended_at=_time(run.get("endTime")),
-        parent_run_id=run.get("parentRunId"),
-        root_run_id=run.get("rootRunId"),
-    )
+def _launch_detail(result: dict[str, Any]) -> str:
+    errors = result.get("errors") or []
+    return "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]
+
+
+def _verify(path: Path, sha256: str, what: str) -> None:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise ArtifactIntegrityError(
+            f"{what}: downloaded bytes have sha256 {digest.hexdigest()}, the manifest says {sha256}"
+        )
 
 
 class ErgotClient:
-    """A client of one plane, at `base_url` (the Dagster webserver)."""
+    """A client of one plane, at `base_url` (the Dagster webserver, e.g. http://host:3000).
+
+    `catalog` is what requests are planned against; by default the plane's own, read over GraphQL.
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str = DEFAULT_URL,
         *,
-        catalog: RequestCatalog,
+        catalog: RequestCatalog | None = None,
         timeout_s: float = 30.0,
+        headers: dict[str, str] | None = None,
         location: str = LOCATION,
         repository: str = REPOSITORY,
     ) -> None:
-        self._gql = GraphQLTransport(base_url, timeout_s=timeout_s)
-        self._catalog = catalog
+        self._gql = GraphQLTransport(base_url, timeout_s=timeout_s, headers=headers)
+        self._catalog: RequestCatalog = catalog or GraphQLCatalog(self._gql)
         self._location = location
         self._repository = repository
+        self._http = httpx.Client(timeout=timeout_s)
+
+    @classmethod
+    def from_env(cls) -> ErgotClient:
+        """A client of the plane at `ERGOT_DAGSTER_URL` (default http://127.0.0.1:3000)."""
+        return cls(os.environ.get("ERGOT_DAGSTER_URL", DEFAULT_URL))
 
     def close(self) -> None:
         self._gql.close()
+        self._http.close()
+
+    def __enter__(self) -> ErgotClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- runs ------------------------------------------------------------------------------
 
-    def _find_run(self, run_id: str) -> RunStatus | None:
-        result = self._gql.execute(RUN_QUERY, {"runId": run_id})["runOrError"]
+    def _run(self, run_id: str) -> dict[str, Any] | None:
+        result = self._gql.execute(Q.RUN, {"runId": run_id})["runOrError"]
         if result["__typename"] == "Run":
-            return _status(result)
+            return result
         if result["__typename"] == "RunNotFoundError":
             return None
-        raise LaunchError(result.get("message", "unexpected answer"))
+        raise ClientError(result.get("message", "unexpected answer"))
+
+    def _status_of(self, run: dict[str, Any]) -> RunStatus:
+        events = self._all_events(run["runId"]) if needs_events(run) else None
+        return run_status(run, events)
 
     def status(self, run_id: str) -> RunStatus:
-        """Where run `run_id` stands; `UnknownRunError` if there is no such run."""
-        found = self._find_run(run_id)
-        if found is None:
+        """Where run `run_id` stands, with each artifact's outcome; `UnknownRunError` if none."""
+        run = self._run(run_id)
+        if run is None:
             raise UnknownRunError(f"unknown run {run_id!r}")
-        return found
+        return self._status_of(run)
 
-    def _retry_of(self, run: RunStatus) -> RunStatus | None:
-        """The run Dagster started to retry `run`, if any yet."""
-        if run.request_id is None:
-            return None
-        return next(
-            (r for r in self.runs_of_request(run.request_id) if r.parent_run_id == run.run_id),
-            None,
+    def _state(self, run_id: str) -> dict[str, Any]:
+        result = self._gql.execute(Q.RUN_STATE, {"runId": run_id})["runOrError"]
+        if result["__typename"] == "RunNotFoundError":
+            raise UnknownRunError(f"unknown run {run_id!r}")
+        if result["__typename"] != "Run":
+            raise ClientError(result.get("message", "unexpected answer"))
+        return result
+
+    def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | list[str] | None = None,
+        source_ref: str | None = None,
+        request_id: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs, newest first, filtered by workflow (`name` or `name@version`), status(es),
+        source ref and request id; `cursor` (from the previous page) reads on."""
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be between 1 and 1000")
+        tags = []
+        if workflow:
+            key = T.WORKFLOW if "@" in workflow else T.WORKFLOW_NAME
+            tags.append({"key": key, "value": workflow})
+        if source_ref:
+            tags.append({"key": T.SOURCE_REF, "value": source_ref})
+        if request_id:
+            tags.append({"key": T.REQUEST_ID, "value": request_id})
+        run_filter: dict[str, Any] = {"tags": tags} if tags else {}
+        if status:
+            statuses = [status] if isinstance(status, str) else list(status)
+            run_filter["statuses"] = [s.upper() for s in statuses]
+        result = self._gql.execute(
+            Q.RUNS, {"filter": run_filter, "cursor": cursor, "limit": limit + 1}
+        )["runsOrError"]
+        if result["__typename"] != "Runs":
+            raise ClientError(result.get("message", "unexpected answer"))
+        runs = result["results"]
+        page = [self._status_of(run) for run in runs[:limit]]
+        has_more = len(runs) > limit
+        return RunPage(
+            runs=page, cursor=page[-1].run_id if page and has_more else None, has_more=has_more
         )
 
+    def runs_of_request(self, request_id: str) -> list[RunStatus]:
+        """Every run of a request: its first run and any retries, oldest first."""
+        runs: list[RunStatus] = []
+        cursor = None
+        while True:
+            page = self.list_runs(request_id=request_id, limit=100, cursor=cursor)
+            runs += page.runs
+            if not page.has_more:
+                break
+            cursor = page.cursor
+        return sorted(runs, key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
+
+    def events(
+        self, run_id: str, *, cursor: str | None = None, limit: int = EVENT_PAGE
+    ) -> EventPage:
+        """The run's events in order, from `cursor` on (the cursor of the previous page)."""
+        result = self._gql.execute(
+            Q.RUN_EVENTS, {"runId": run_id, "afterCursor": cursor, "limit": limit}
+        )["logsForRun"]
+        if result["__typename"] == "RunNotFoundError":
+            raise UnknownRunError(f"unknown run {run_id!r}")
+        if result["__typename"] != "EventConnection":
+            raise ClientError(result.get("message", "unexpected answer"))
+        return EventPage(
+            events=[run_event(e) for e in result["events"] if e.get("runId")],
+            cursor=result["cursor"],
+            has_more=result["hasMore"],
+        )
+
+    def _all_events(self, run_id: str) -> list[RunEvent]:
+        events: list[RunEvent] = []
+        cursor = None
+        while True:
+            page = self.events(run_id, cursor=cursor)
+            events += page.events
+            if not page.has_more or page.cursor == cursor:
+                return events
+            cursor = page.cursor
+
+    def _retry_of(self, run_id: str, request_id: str | None) -> str | None:
+        """The run Dagster started to retry `run_id`, if any yet."""
+        if request_id is None:
+            return None
+        page = self.list_runs(request_id=request_id, limit=100)
+        return next((r.run_id for r in page.runs if r.parent_run_id == run_id), None)
+
     def wait(self, run_id: str, timeout_s: float, poll_s: float = 0.5) -> RunStatus:
-        """Poll until the request's run is done, following run retries; `TimeoutError` after
+        """Poll until the run is done, following automatic run retries; `TimeoutError` after
         `timeout_s`.
 
         A failed run that Dagster will retry (`dagster/will_retry`) is not the end: the wait moves
@@ -154,16 +261,17 @@ class ErgotClient:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            status = self.status(run_id)
-            if status.finished:
-                if status.status != "FAILURE" or status.tags.get(WILL_RETRY) != "true":
-                    return status
-                retry = self._retry_of(status)
+            state = self._state(run_id)
+            if state["status"] in TERMINAL_STATUSES:
+                tags = {t["key"]: t["value"] for t in state["tags"]}
+                if state["status"] != "FAILURE" or tags.get(WILL_RETRY) != "true":
+                    return self.status(run_id)
+                retry = self._retry_of(run_id, tags.get(T.REQUEST_ID))
                 if retry is not None:
-                    run_id = retry.run_id
+                    run_id = retry
                     continue
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"run {run_id} is still {status.status} after {timeout_s:g} s")
+                raise TimeoutError(f"run {run_id} is still {state['status']} after {timeout_s:g} s")
             time.sleep(poll_s)
 
     def cancel(self, run_id: str, timeout_s: float = 30.0) -> RunStatus:
@@ -174,18 +282,44 @@ class ErgotClient:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            result = self._gql.execute(TERMINATE_MUTATION, {"runId": run_id})["terminateRun"]
+            result = self._gql.execute(Q.TERMINATE, {"runId": run_id})["terminateRun"]
             kind = result["__typename"]
             if kind == "RunNotFoundError":
                 raise UnknownRunError(f"unknown run {run_id!r}")
             if kind == "TerminateRunSuccess":
                 return self.status(run_id)
-            current = self.status(run_id)
-            if current.finished:
-                return current
-            if current.status != "STARTING" or time.monotonic() >= deadline:
+            state = self._state(run_id)
+            if state["status"] in TERMINAL_STATUSES:
+                return self.status(run_id)
+            if state["status"] != "STARTING" or time.monotonic() >= deadline:
                 raise LaunchError(f"could not cancel run {run_id}: {result.get('message', kind)}")
             time.sleep(0.5)
+
+    def retry(self, run_id: str) -> RunHandle:
+        """A new run of a failed or canceled run's request, linked to it as its retry.
+
+        The new run carries the same request (tags, settings, partition) and Dagster's
+        `dagster/parent_run_id`; artifacts the old run already stored are reused, not remade.
+        """
+        state = self._state(run_id)
+        if state["status"] not in ("FAILURE", "CANCELED"):
+            raise RetryRefusedError(
+                f"run {run_id} is {state['status']}; only a FAILURE or CANCELED run can be retried"
+                + (
+                    " (submit a new request to redo a successful one)"
+                    if state["status"] == "SUCCESS"
+                    else ""
+                )
+            )
+        params = {"parentRunId": run_id, "strategy": "ALL_STEPS"}
+        result = self._gql.execute(Q.REEXECUTE, {"params": params})["launchRunReexecution"]
+        if result["__typename"] != "LaunchRunSuccess":
+            raise LaunchError(f"Dagster did not start the retry: {_launch_detail(result)}")
+        new = self._state(result["run"]["runId"])
+        tags = {t["key"]: t["value"] for t in new["tags"]}
+        return RunHandle(
+            run_id=new["runId"], request_id=tags.get(T.REQUEST_ID, ""), status=new["status"]
+        )
 
     # -- submission ------------------------------------------------------------------------
 
@@ -194,17 +328,9 @@ class ErgotClient:
         try:
             return plan_run(request, self._catalog)
         except ErgotError as exc:
+            raise _rejected(exc) from exc
+        except InvalidRefError as exc:
             raise RequestRejectedError(str(exc)) from exc
-
-    def runs_of_request(self, request_id: str) -> list[RunStatus]:
-        """Every run of a request: its first run and any retries, oldest first."""
-        result = self._gql.execute(RUNS_BY_TAG_QUERY, {"key": T.REQUEST_ID, "value": request_id})[
-            "runsOrError"
-        ]
-        if result["__typename"] != "Runs":
-            raise LaunchError(result.get("message", "unexpected answer"))
-        runs = [_status(run) for run in result["results"]]
-        return sorted(runs, key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
 
     def _first_run(self, request_id: str) -> RunStatus | None:
         originals = [r for r in self.runs_of_request(request_id) if not r.parent_run_id]
@@ -220,8 +346,10 @@ class ErgotClient:
             run_id=run.run_id, request_id=request.request_id, status=run.status, existing=existing
         )
 
-    def submit(self, request: ProcessingRequest) -> RunHandle:
-        """Queue `request` as one run, or return the run it already has."""
+    def submit(self, request: ProcessingRequest | dict[str, Any]) -> RunHandle:
+        """Queue `request` as one run, or return the run it already has (same request id)."""
+        if isinstance(request, dict):
+            request = ProcessingRequest.model_validate(request)
         plan = self.plan(request)
         first = self._first_run(request.request_id)
         if first is not None:
@@ -247,11 +375,111 @@ class ErgotClient:
                 "tags": [{"key": k, "value": v} for k, v in plan.tags.items()],
             },
         }
-        result = self._gql.execute(LAUNCH_MUTATION, {"params": params})["launchRun"]
+        result = self._gql.execute(Q.LAUNCH, {"params": params})["launchRun"]
         if result["__typename"] == "LaunchRunSuccess":
             return self.status(result["run"]["runId"])
-        errors = result.get("errors") or []
-        detail = (
-            "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]
-        )
-        raise LaunchError(f"Dagster did not launch the run: {detail}")
+        raise LaunchError(f"Dagster did not launch the run: {_launch_detail(result)}")
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    def manifest(self, ref: str) -> ArtifactManifest:
+        """The manifest of artifact `ref`; `UnknownArtifactError` if there is none."""
+        try:
+            parse_artifact_ref(ref)
+        except InvalidRefError as exc:
+            raise UnknownArtifactError(str(exc)) from None
+        manifest = self._catalog.artifact(ref)
+        if manifest is None:
+            raise UnknownArtifactError(f"no artifact {ref}")
+        return manifest
+
+    def artifacts(self, run_id: str) -> list[ArtifactManifest]:
+        """The manifests of every artifact the run stored or reused, in the run's order."""
+        status = self.status(run_id)
+        return [
+            self.manifest(outcome.ref)
+            for outcome in status.artifacts
+            if outcome.ref and outcome.status in ("materialized", "reused")
+        ]
+
+    @contextmanager
+    def open_artifact(self, ref: str, member: str | None = None) -> Iterator[IO[bytes]]:
+        """The bytes of artifact `ref` (or of one `member` of an image set), as a binary stream.
+
+        A `file://` artifact is read where it lies (a consumer on a machine of the plane, or with
+        the store mounted); an `http(s)://` one (a presigned object-storage URL) is streamed.
+        `download` also checks the bytes against the manifest's sha256.
+        """
+        uri, _ = self._locate(self.manifest(ref), member)
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            path = Path(unquote(parsed.path))
+            try:
+                handle = path.open("rb")
+            except OSError as exc:
+                raise ArtifactUnreachableError(
+                    f"{ref}: {uri} is not readable from this machine ({exc.strerror}); mount the "
+                    "artifact store here or use object storage"
+                ) from None
+            with handle:
+                yield handle
+            return
+        if parsed.scheme in ("http", "https"):
+            with tempfile.TemporaryFile() as spool:
+                self._fetch(uri, spool, ref)
+                spool.seek(0)
+                yield spool
+            return
+        raise ArtifactUnreachableError(f"{ref}: cannot read {parsed.scheme}:// artifacts from here")
+
+    def _locate(self, manifest: ArtifactManifest, member: str | None) -> tuple[str, str]:
+        if member is None:
+            return manifest.uri, manifest.sha256
+        for item in manifest.members:
+            if item.name == member:
+                return item.uri, item.sha256
+        raise UnknownArtifactError(f"{manifest.ref} has no member {member!r}")
+
+    def _fetch(self, uri: str, out: IO[bytes], ref: str) -> None:
+        try:
+            with self._http.stream("GET", uri) as response:
+                if response.status_code != 200:
+                    raise ArtifactUnreachableError(f"{ref}: HTTP {response.status_code}")
+                for chunk in response.iter_bytes(CHUNK):
+                    out.write(chunk)
+        except httpx.TransportError as exc:
+            raise ArtifactUnreachableError(f"{ref}: {exc}") from None
+
+    def download(self, ref: str, dest: str | Path) -> Path:
+        """Copy artifact `ref` to `dest` (a file; for an image set, a directory of its members),
+        checking every file against its sha256. Nothing partial is left behind on failure."""
+        manifest = self.manifest(ref)
+        dest = Path(dest)
+        if manifest.kind == "set":
+            dest.mkdir(parents=True, exist_ok=True)
+            for item in manifest.members:
+                self._download_one(ref, item.name, item.sha256, dest / Path(item.name).name)
+            return dest
+        self._download_one(ref, None, manifest.sha256, dest)
+        return dest
+
+    def _download_one(self, ref: str, member: str | None, sha256: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, self.open_artifact(ref, member) as source:
+                shutil.copyfileobj(source, out, CHUNK)
+            _verify(tmp, sha256, f"{ref}{'/' + member if member else ''}")
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def lineage(self, ref: str) -> LineageNode:
+        """Artifact `ref`'s parents, walked down to the ingested sources with their sha256."""
+        try:
+            return walk(ref, self._catalog.artifact, self._catalog.source)
+        except StoreError as exc:
+            raise UnknownArtifactError(str(exc)) from None
+        except InvalidRefError as exc:
+            raise UnknownArtifactError(str(exc)) from None

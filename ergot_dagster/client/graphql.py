@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -42,3 +43,32 @@ class GraphQLTransport:
 
     def close(self) -> None:
         self._client.close()
+
+
+def metadata_values(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Dagster metadata entries (as the `Meta` fragment returns them) as plain values by label.
+
+    JSON entries are parsed; entry types the fragment does not ask for map to None.
+    """
+    values: dict[str, Any] = {}
+    for entry in entries or []:
+        kind = entry.get("__typename")
+        if kind == "JsonMetadataEntry":
+            values[entry["label"]] = json.loads(entry["jsonString"])
+        elif kind == "IntMetadataEntry":
+            raw = entry.get("intValue")
+            values[entry["label"]] = raw if raw is not None else int(entry["intRepr"])
+        else:
+            field = _VALUE_FIELDS.get(kind or "")
+            values[entry["label"]] = entry.get(field) if field else None
+    return values
+
+
+_VALUE_FIELDS = {
+    "TextMetadataEntry": "text",
+    "FloatMetadataEntry": "floatValue",
+    "BoolMetadataEntry": "boolValue",
+    "UrlMetadataEntry": "url",
+    "PathMetadataEntry": "path",
+    "MarkdownMetadataEntry": "mdStr",
+}

@@ -3,7 +3,8 @@
 REQUEST_ID = "ergot/request_id"
 REQUEST = "ergot/request"  # the whole request, canonical JSON: what a consumer gets back
 REQUEST_SHA256 = "ergot/request_sha256"
-WORKFLOW = "ergot/workflow"
+WORKFLOW = "ergot/workflow"  # name@version
+WORKFLOW_NAME = "ergot/workflow_name"  # name alone, to list a workflow's runs across versions
 SOURCE_REF = "ergot/source_ref"
 EXECUTION_TARGET = "ergot/execution_target"
 WORKER = "ergot/worker"  # run id@host:pid:start ticks of the process running the step

@@ -13,7 +13,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest
-from ergot_dagster.errors import RequestError, SourceError
+from ergot_dagster.errors import InvalidSettingsError, RequestError, SourceError
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.refs import is_artifact_ref, ref_to_partition_key
 from ergot_dagster.requests.model import ProcessingRequest
@@ -88,7 +88,9 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
     try:
         validate_settings(definition.settings, request.settings)
     except SettingsError as exc:
-        raise RequestError(f"{definition.spec}: invalid settings: {exc}") from exc
+        raise InvalidSettingsError(
+            f"{definition.spec}: invalid settings: {exc}", exc.problems
+        ) from exc
     target = request.execution_target
     check_execution(definition, target)
     targets = catalog.targets()
@@ -101,6 +103,7 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
         T.REQUEST: request.canonical_json(),
         T.REQUEST_SHA256: request.sha256,
         T.WORKFLOW: definition.spec,
+        T.WORKFLOW_NAME: definition.name,
         T.SOURCE_REF: request.sources.primary,
         T.EXECUTION_TARGET: target,
         T.PARTITION: ref_to_partition_key(request.sources.primary),

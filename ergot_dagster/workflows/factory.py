@@ -27,6 +27,8 @@ from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.registry import WorkflowRegistry
 from ergot_dagster.workflows.run_config import config_schema, op_name
 
+DEFINITIONS_METADATA_KEY = "definitions"
+
 
 def _deps(definition: WorkflowDefinition) -> list[AssetKey]:
     deps = [SOURCE_KEY]
@@ -79,6 +81,11 @@ def _asset_specs(versions: list[WorkflowDefinition]) -> list[AssetSpec]:
                     ),
                     "settings_schema": MetadataValue.json(latest.settings),
                     "plan": MetadataValue.md(_plan_markdown(latest)),
+                    # Every loaded version in full: what a consumer plans a request against
+                    # over GraphQL (`client.catalog`), and what an operator reads in the UI.
+                    DEFINITIONS_METADATA_KEY: MetadataValue.json(
+                        {str(v.version): v.model_dump(mode="json") for v in versions}
+                    ),
                 },
                 tags={"ergot/family": latest.family, "ergot/runtime": latest.runtime},
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ergot_dagster.errors import RequestError
+from ergot_dagster.errors import UnknownWorkflowError
 from ergot_dagster.workflows.model import WorkflowDefinition
 
 
@@ -32,7 +32,7 @@ class WorkflowRegistry:
     def _known(self, name: str) -> dict[int, WorkflowDefinition]:
         if name not in self._by_name:
             known = ", ".join(self._by_name) or "none"
-            raise RequestError(f"unknown workflow {name!r}; known workflows: {known}")
+            raise UnknownWorkflowError(f"unknown workflow {name!r}; known workflows: {known}")
         return self._by_name[name]
 
     def get(self, spec: str) -> WorkflowDefinition:
@@ -43,7 +43,7 @@ class WorkflowRegistry:
             return versions[max(versions)]
         if not version.isdigit() or int(version) not in versions:
             published = ", ".join(str(v) for v in versions)
-            raise RequestError(
+            raise UnknownWorkflowError(
                 f"workflow {name!r} has no version {version!r}; published versions: {published}"
             )
         return versions[int(version)]
