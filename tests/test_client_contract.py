@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -31,6 +32,7 @@ from ergot_dagster.client import (
     UnknownRunError,
     UnknownWorkflowError,
 )
+from ergot_dagster.client.client import launch_variables
 from ergot_dagster.media.synth import make_clip
 from ergot_dagster.settings import PROJECT_ROOT
 from tests.support import dagster_dev, free_port
@@ -268,3 +270,55 @@ def test_lineage_walks_back_to_the_ingested_file(plane: Plane) -> None:
     [source] = tree.parents
     assert source.kind == "source" and source.ref == CLIP
     assert source.sha256 == _sha(plane.ingest / CLIP) and source.status == "current"
+
+
+EXAMPLES = PROJECT_ROOT / "docs" / "contract" / "examples"
+CURL_EXAMPLE_REQUEST = {
+    "request_id": "curl-example-1",
+    "workflow": "media_qc",
+    "sources": {"primary": CLIP},
+    "settings": {"max_silence_s": 5},
+    "priority": 3,
+    "context": {"from": "curl"},
+}
+
+
+def test_the_documented_launch_variables_are_what_the_client_sends(plane: Plane) -> None:
+    variables = launch_variables(
+        plane.client.plan(ProcessingRequest.model_validate(CURL_EXAMPLE_REQUEST))
+    )
+    example = EXAMPLES / "launch.json"
+    if os.environ.get("ERGOT_WRITE_EXAMPLES") == "1":
+        example.write_text(json.dumps(variables, indent=2, ensure_ascii=False) + "\n")
+    assert json.loads(example.read_text()) == variables
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
+def test_curl_and_jq_following_docs_contract(plane: Plane) -> None:
+    def session() -> list[str]:
+        result = subprocess.run(
+            [str(EXAMPLES / "curl-session.sh")],
+            env={**plane.env, "ERGOT_DAGSTER_URL": plane.url, "TIMEOUT_S": "180"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    lines = session()
+    run_id = lines[0].removeprefix("run ")
+    assert "status SUCCESS" in lines
+    [artifact] = [line.split() for line in lines if line.startswith("artifact ")]
+    assert artifact[1:3] == ["core/media_qc/report", f"artifact:{run_id}/report"]
+    assert artifact[3] == plane.client.manifest(artifact[2]).sha256
+    assert any(line.startswith("event stage_started") for line in lines)
+    assert f"request run {run_id} SUCCESS" in lines
+    # The same launch again is the same request: it gets the same run, not a second one.
+    again = session()
+    assert again[0] == lines[0]
+    assert [line for line in again if line.startswith("request run")] == [
+        f"request run {run_id} SUCCESS"
+    ]
+    status = plane.client.status(run_id)
+    assert status.request is not None and status.request.context == {"from": "curl"}

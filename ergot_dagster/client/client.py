@@ -91,6 +91,30 @@ def _launch_detail(result: dict[str, Any]) -> str:
     return "; ".join(e["message"] for e in errors) or result.get("message") or result["__typename"]
 
 
+def launch_variables(
+    plan: RunPlan, location: str = LOCATION, repository: str = REPOSITORY
+) -> dict[str, Any]:
+    """The variables of the `Launch` mutation that creates a planned run: asset selection,
+    checks, run config and tags (`docs/contract/examples/launch.json` is one)."""
+    return {
+        "params": {
+            "selector": {
+                "repositoryLocationName": location,
+                "repositoryName": repository,
+                "jobName": plan.job_name,
+                "assetSelection": [{"path": key} for key in plan.asset_keys],
+                "assetCheckSelection": [
+                    {"assetKey": {"path": key}, "name": name} for key, name in plan.check_keys
+                ],
+            },
+            "runConfigData": plan.run_config,
+            "executionMetadata": {
+                "tags": [{"key": k, "value": v} for k, v in plan.tags.items()],
+            },
+        }
+    }
+
+
 def _verify(path: Path, sha256: str, what: str) -> None:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -360,22 +384,8 @@ class ErgotClient:
 
     def launch(self, plan: RunPlan) -> RunStatus:
         """Launch a planned run through the queue, without looking for an earlier one first."""
-        params = {
-            "selector": {
-                "repositoryLocationName": self._location,
-                "repositoryName": self._repository,
-                "jobName": plan.job_name,
-                "assetSelection": [{"path": key} for key in plan.asset_keys],
-                "assetCheckSelection": [
-                    {"assetKey": {"path": key}, "name": name} for key, name in plan.check_keys
-                ],
-            },
-            "runConfigData": plan.run_config,
-            "executionMetadata": {
-                "tags": [{"key": k, "value": v} for k, v in plan.tags.items()],
-            },
-        }
-        result = self._gql.execute(Q.LAUNCH, {"params": params})["launchRun"]
+        variables = launch_variables(plan, self._location, self._repository)
+        result = self._gql.execute(Q.LAUNCH, variables)["launchRun"]
         if result["__typename"] == "LaunchRunSuccess":
             return self.status(result["run"]["runId"])
         raise LaunchError(f"Dagster did not launch the run: {_launch_detail(result)}")
