@@ -15,6 +15,7 @@ from ergot_dagster.resources.artifact_store import ArtifactStoreResource
 from ergot_dagster.resources.source_root import SourceRootResource
 from ergot_dagster.resources.targets import RuntimeTargetsResource
 from ergot_dagster.sensors.ingest_sensor import ingest_sensor
+from ergot_dagster.sensors.request_inbox import request_inbox
 from ergot_dagster.settings import ErgotSettings
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.registry import WorkflowRegistry
@@ -26,7 +27,7 @@ def build_definitions(settings: ErgotSettings | None = None) -> Definitions:
     registry: WorkflowRegistry = load_registry(settings.workflow_defs)
     return Definitions(
         assets=build_assets(registry),
-        sensors=[ingest_sensor],
+        sensors=[ingest_sensor, request_inbox],
         resources={
             "artifact_store": ArtifactStoreResource(location=settings.storage),
             "sources": SourceRootResource(root=settings.ingest_root),

@@ -45,6 +45,7 @@ def main() -> None:
     root = Path(settings.ingest_root)
     root.mkdir(parents=True, exist_ok=True)
     Path(settings.storage).mkdir(parents=True, exist_ok=True)
+    settings.request_inbox.mkdir(parents=True, exist_ok=True)
     make_demo_media(root)
 
     from dagster import DagsterInstance

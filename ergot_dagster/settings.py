@@ -24,6 +24,7 @@ class ErgotSettings(BaseModel):
     ingest_root: str
     workflow_defs: Path
     runtime_targets: Path
+    request_inbox: Path
 
     @classmethod
     def from_env(cls) -> ErgotSettings:
@@ -39,6 +40,7 @@ class ErgotSettings(BaseModel):
             runtime_targets=Path(
                 os.environ.get("ERGOT_RUNTIME_TARGETS", PROJECT_ROOT / "runtime_targets.yaml")
             ).expanduser(),
+            request_inbox=Path(os.environ.get("ERGOT_REQUEST_INBOX", home / "inbox")).expanduser(),
         )
 
 
