@@ -54,7 +54,7 @@ def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) ->
         "silence_within_limit",
         "frozen_within_limit",
     }
-    assert [s.name for s in defs.sensors] == ["ingest_sensor"]
+    assert [s.name for s in defs.sensors] == ["ingest_sensor", "request_inbox"]
     assert set(defs.resources) >= {"artifact_store", "sources", "runtime_ffmpeg"}
 
 

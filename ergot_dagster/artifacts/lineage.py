@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import StoreError
+from ergot_dagster.refs import parse_artifact_ref
 from ergot_dagster.sources.record import SourceRecord
 
 MAX_DEPTH = 64
@@ -66,6 +67,7 @@ def walk(
     """
     if depth > MAX_DEPTH:
         raise StoreError(f"lineage of {ref} is deeper than {MAX_DEPTH} steps")
+    parse_artifact_ref(ref)  # a malformed ref is an error of its own, not a missing artifact
     manifest = manifest_of(ref)
     if manifest is None:
         if depth == 0:
