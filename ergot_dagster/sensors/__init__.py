@@ -1,1 +1,1 @@
-"""Sensors: ingest of new source media (and, later, the request inbox and runtime health)."""
+"""Sensors: ingest of new source media and the request inbox (runtime health comes later)."""
