@@ -322,3 +322,13 @@ def test_curl_and_jq_following_docs_contract(plane: Plane) -> None:
     ]
     status = plane.client.status(run_id)
     assert status.request is not None and status.request.context == {"from": "curl"}
+
+
+def test_a_request_no_target_can_serve_fails_at_once_with_the_reason(plane: Plane) -> None:
+    handle = plane.client.submit(plane.request("media_qc", execution_target="gpu-box-9"))
+    status = plane.client.wait(handle.run_id, 60)
+    assert status.status == "FAILURE"
+    assert status.error is not None and "gpu-box-9" in status.error.message
+    assert [a.status for a in status.artifacts] == ["failed"]
+    # Refused runs are not retried: the same reason would refuse them again.
+    assert status.tags["dagster/max_retries"] == "0"
