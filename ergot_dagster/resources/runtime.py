@@ -6,11 +6,20 @@ and deployments override it. The orchestration around it (inputs, artifacts, lin
 cancellation) is the plane's; an adapter only turns a `StageRequest` into output files.
 
 Adding a runtime type means writing one adapter class and decorating it with `@register_runtime`.
+
+Most runtimes run a stage as a *job*: something submitted, waited for, read back and, when the run
+gives up on it, cancelled. Those adapters derive from `JobRuntime` and implement exactly that
+(`submit`, `wait`, `fetch_outputs`, `cancel`, plus `health`); its `run_stage` puts the steps
+together the same way for every runtime, so a cancelled run or a passed deadline always cancels
+the job. A runtime whose stage is a short series of local processes (FFmpeg recipes) implements
+`run_stage` directly: its processes are killed with their process group on interrupt.
+docs/runtime-authoring.md walks through adding one.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +28,7 @@ from typing import Any, ClassVar
 from dagster import ConfigurableResource
 from pydantic import BaseModel, ConfigDict, Field
 
+from ergot_dagster.errors import RuntimeTimeoutError
 from ergot_dagster.media.probe import ProbeSummary
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
@@ -113,6 +123,82 @@ class RuntimeAdapter(ConfigurableResource, ABC):
         The default accepts anything; adapters that know their operations say so here, so that a
         misspelt operation fails at publish time instead of in the middle of a run.
         """
+
+
+class DeadlinePassed(Exception):
+    """Raised by `JobRuntime.wait` when the stage's timeout passed with the job unfinished."""
+
+
+class RuntimeJob(BaseModel):
+    """One stage's job on a runtime: its id there, and what the adapter needs to follow it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    job_id: str
+    target: str
+    deadline: float = Field(description="time.monotonic() by which the stage must end")
+    # Adapter-owned: a connection, a session, a process handle, the runtime's last answer.
+    state: dict[str, Any] = Field(default_factory=dict)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class JobRuntime(RuntimeAdapter):
+    """A runtime that runs each stage as one job: submit, wait with progress, fetch, cancel.
+
+    Implement the four steps and `health`; `run_stage` runs them in order. If `wait` is
+    interrupted (the run was cancelled: `KeyboardInterrupt` or Dagster's interrupt), fails, or
+    raises `DeadlinePassed`, the job is cancelled on the runtime before the error goes on, so
+    a run that gave up never leaves a job holding a GPU.
+    """
+
+    @abstractmethod
+    def submit(self, request: StageRequest, log: logging.Logger) -> RuntimeJob:
+        """Hand the stage to the runtime (uploading its inputs); the job, once accepted."""
+
+    @abstractmethod
+    def wait(self, request: StageRequest, job: RuntimeJob, log: logging.Logger) -> None:
+        """Follow the job until it ends, whatever its outcome, reporting `request.progress`.
+
+        Keep what `fetch_outputs` needs to know in `job.state`. Raise `DeadlinePassed` at
+        `job.deadline`, and `RuntimeFailure` when the job cannot be followed any more (the
+        runtime lost it, or stopped answering); the job is then cancelled.
+        """
+
+    @abstractmethod
+    def fetch_outputs(
+        self, request: StageRequest, job: RuntimeJob, log: logging.Logger
+    ) -> StageResult:
+        """The ended job's outputs, downloaded under `request.workdir`; or, if the job did not
+        succeed, a `RuntimeFailure` naming the runtime's own error (transient or permanent)."""
+
+    @abstractmethod
+    def cancel(self, request: StageRequest, job: RuntimeJob, log: logging.Logger) -> str:
+        """Cancel the job, best effort and bounded; never raises. A phrase saying how it went."""
+
+    def release(self, job: RuntimeJob) -> None:
+        """Free what the job held on this side (connections); called whatever happened."""
+
+    def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
+        request.workdir.mkdir(parents=True, exist_ok=True)
+        job = self.submit(request, log)
+        try:
+            try:
+                self.wait(request, job, log)
+            except DeadlinePassed:
+                outcome = self.cancel(request, job, log)
+                raise RuntimeTimeoutError(
+                    f"{request.stage.operation or request.stage.id} on {job.target} did not "
+                    f"finish within {request.timeout_s:g} s; {outcome}",
+                    job_id=job.job_id,
+                ) from None
+            except BaseException:
+                self.cancel(request, job, log)
+                raise
+            return self.fetch_outputs(request, job, log)
+        finally:
+            self.release(job)
 
 
 _ADAPTERS: dict[str, type[RuntimeAdapter]] = {}

@@ -44,8 +44,10 @@ from ergot_dagster.errors import (
 )
 from ergot_dagster.media.hashing import CHUNK
 from ergot_dagster.resources.runtime import (
+    DeadlinePassed,
     HealthReport,
-    RuntimeAdapter,
+    JobRuntime,
+    RuntimeJob,
     StageFile,
     StageRequest,
     StageResult,
@@ -270,7 +272,7 @@ def _files_of(bound: StageFile | list[StageFile]) -> list[StageFile]:
 
 
 @register_runtime
-class StudioRuntime(RuntimeAdapter):
+class StudioRuntime(JobRuntime):
     """Runs a stage as one job on a Studio server (JSON over HTTP; docs/studio-protocol.md).
 
     The stage's `operation` names the server's operation (`tts`, `voice_prompt`, ...) and its
@@ -306,7 +308,7 @@ class StudioRuntime(RuntimeAdapter):
 
     # -- running a stage ------------------------------------------------------------------------
 
-    def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
+    def submit(self, request: StageRequest, log: logging.Logger) -> RuntimeJob:
         stage = request.stage
         target = request.target
         if not stage.operation:
@@ -317,41 +319,65 @@ class StudioRuntime(RuntimeAdapter):
             )
         headers = self._auth_headers(target)
         started = time.monotonic()
-        request.workdir.mkdir(parents=True, exist_ok=True)
-        with self._client(target, headers) as client:
-            session = _Session(
-                target=target,
-                client=client,
-                deadline=started + request.timeout_s,
-                request_timeout_s=self.request_timeout_s,
-                secrets=_secrets(headers),
-            )
+        client = self._client(target, headers)
+        session = _Session(
+            target=target,
+            client=client,
+            deadline=started + request.timeout_s,
+            request_timeout_s=self.request_timeout_s,
+            secrets=_secrets(headers),
+        )
+        try:
             job_id = self._submit(session, request, stage.operation)
-            log.info(
-                f"studio: {stage.operation} submitted to {target.name} as job {job_id} "
-                f"(timeout {request.timeout_s:g} s)"
-            )
-            try:
-                doc, polls = self._wait(session, job_id, request, log)
-            except _DeadlinePassed:
-                cancel_outcome = self._cancel(target, headers, job_id, log)
-                raise RuntimeTimeoutError(
-                    f"{stage.operation} on {target.name} did not finish within "
-                    f"{request.timeout_s:g} s; {cancel_outcome}",
-                    job_id=job_id,
-                ) from None
-            except BaseException:
-                # A run cancellation (KeyboardInterrupt, DagsterExecutionInterruptedError) or a
-                # lost server: the job must not keep a GPU busy for a run that has given up on it.
-                self._cancel(target, headers, job_id, log)
-                raise
-            self._raise_if_unsuccessful(session, doc, job_id, stage.operation)
+        except _DeadlinePassed:
+            client.close()
+            raise RuntimeTimeoutError(
+                f"{stage.operation} on {target.name}: no answer to the submission within "
+                f"{request.timeout_s:g} s"
+            ) from None
+        except BaseException:
+            client.close()
+            raise
+        log.info(
+            f"studio: {stage.operation} submitted to {target.name} as job {job_id} "
+            f"(timeout {request.timeout_s:g} s)"
+        )
+        return RuntimeJob(
+            job_id=job_id,
+            target=target.name,
+            deadline=session.deadline,
+            state={"session": session, "headers": headers, "started": started},
+        )
+
+    def wait(self, request: StageRequest, job: RuntimeJob, log: logging.Logger) -> None:
+        try:
+            doc, polls = self._wait(job.state["session"], job.job_id, request, log)
+        except _DeadlinePassed:
+            raise DeadlinePassed from None
+        job.state.update(doc=doc, polls=polls)
+
+    def fetch_outputs(
+        self, request: StageRequest, job: RuntimeJob, log: logging.Logger
+    ) -> StageResult:
+        session: _Session = job.state["session"]
+        doc: dict[str, Any] = job.state["doc"]
+        stage = request.stage
+        operation = stage.operation or ""
+        job_id = job.job_id
+        self._raise_if_unsuccessful(session, doc, job_id, operation)
+        try:
             outputs, listed = self._download_outputs(session, doc, job_id, request, log)
+        except _DeadlinePassed:
+            raise RuntimeTimeoutError(
+                f"{operation} on {job.target}: outputs not downloaded within "
+                f"{request.timeout_s:g} s",
+                job_id=job_id,
+            ) from None
         metadata: dict[str, Any] = {
             "studio_job_id": job_id,
-            "operation": stage.operation,
+            "operation": operation,
             "client_ref": self._client_ref(request),
-            "polls": polls,
+            "polls": job.state["polls"],
             # Not "outputs": the plane merges metadata into its stage report, which has that key.
             "studio_outputs": listed,
         }
@@ -360,14 +386,22 @@ class StudioRuntime(RuntimeAdapter):
             metadata["server_elapsed_s"] = round(float(server_elapsed), 3)
         missing = sorted(set(stage.outputs) - set(outputs))
         if missing:
-            log.warning(f"studio: job {job_id} on {target.name} did not produce {missing}")
+            log.warning(f"studio: job {job_id} on {job.target} did not produce {missing}")
         log.info(
-            f"studio: job {job_id} on {target.name} succeeded in "
-            f"{time.monotonic() - started:.2f} s with {sorted(outputs)}"
+            f"studio: job {job_id} on {job.target} succeeded in "
+            f"{time.monotonic() - job.state['started']:.2f} s with {sorted(outputs)}"
         )
         return StageResult(
-            outputs=dict(outputs), target=target.name, job_id=job_id, metadata=metadata
+            outputs=dict(outputs), target=job.target, job_id=job_id, metadata=metadata
         )
+
+    def cancel(self, request: StageRequest, job: RuntimeJob, log: logging.Logger) -> str:
+        # A run cancellation (KeyboardInterrupt, DagsterExecutionInterruptedError), a deadline or
+        # a lost server: the job must not keep a GPU busy for a run that has given up on it.
+        return self._cancel(request.target, job.state["headers"], job.job_id, log)
+
+    def release(self, job: RuntimeJob) -> None:
+        job.state["session"].client.close()
 
     @staticmethod
     def _client_ref(request: StageRequest) -> str:
