@@ -78,6 +78,11 @@ class RuntimeTarget(BaseModel):
     endpoint: str | None = Field(default=None, description="base URL of a remote service")
     auth: TargetAuth = Field(default_factory=TargetAuth)
     routing: RoutingHints = Field(default_factory=RoutingHints)
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="adapter settings of this target (e.g. the local engine and its model, the "
+        "remote API's model name); never secrets, which come from `auth`",
+    )
 
     @field_validator("endpoint")
     @classmethod
