@@ -241,11 +241,15 @@ def workflows(ctx: click.Context, as_json: bool) -> None:
 
 @workflows.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def publish(as_json: bool) -> None:
-    """Lock every new workflow version in workflow_defs/workflows.lock."""
+@click.argument("paths", nargs=-1)
+def publish(as_json: bool, paths: tuple[str, ...]) -> None:
+    """Lock new workflow versions in workflow_defs/workflows.lock: every new one, or only PATHS
+    (relative to workflow_defs/, e.g. speech/transcribe.v1.yaml)."""
     from ergot_dagster.workflows.loader import publish as publish_versions
 
-    published = publish_versions(ErgotSettings.from_env().workflow_defs)
+    published = publish_versions(
+        ErgotSettings.from_env().workflow_defs, list(paths) if paths else None
+    )
     if as_json:
         _emit_json({"published": [d.ref for d in published]})
         return

@@ -157,15 +157,22 @@ def load_registry(root: Path) -> WorkflowRegistry:
     return WorkflowRegistry([item.definition for item in files])
 
 
-def publish(root: Path) -> list[WorkflowDefinition]:
-    """Lock every definition not yet published; refuse if a published one has changed."""
+def publish(root: Path, only: list[str] | None = None) -> list[WorkflowDefinition]:
+    """Lock every definition not yet published (or only those whose paths relative to `root` are
+    in `only`); refuse if a published one has changed."""
     files = scan(root)
     lock_path = root / LOCK_FILENAME
     lock = WorkflowLock.read(lock_path)
+    if only is not None:
+        unknown = sorted(set(only) - {item.relpath for item in files})
+        if unknown:
+            raise DefinitionError(
+                f"no definition file {', '.join(unknown)} under {root} (give paths relative to it)"
+            )
     new: list[DefinitionFile] = []
     for item in files:
         entry = lock.published.get(item.definition.spec)
-        if entry is None:
+        if entry is None and (only is None or item.relpath in only):
             new.append(item)
     # Run the full check on the published part first: publishing never re-locks an edited file.
     _check_against_lock([f for f in files if f not in new], lock)
