@@ -259,6 +259,59 @@ def publish(as_json: bool, paths: tuple[str, ...]) -> None:
         click.echo(f"published {definition.ref}")
 
 
+# -- runtime targets ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--probe", is_flag=True, help="probe every target now (and record the result)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def targets(probe: bool, as_json: bool) -> None:
+    """List the runtime targets with their last recorded health."""
+    from ergot_dagster.targets.config import load_targets
+    from ergot_dagster.targets.health import last_health, max_age_s, probe_all
+
+    settings = ErgotSettings.from_env()
+    config = load_targets(settings.runtime_targets)
+    instance = _instance(settings)
+    if probe:
+        healths = probe_all(config)
+        for health in healths:
+            instance.report_runless_asset_event(health.observation())
+            instance.report_runless_asset_event(health.check_evaluation())
+    else:
+        healths = [last_health(instance, target) for target in config.targets]
+    rows = []
+    for target, health in zip(config.targets, healths, strict=True):
+        age = health.age_s()
+        stale = age is not None and age > max_age_s()
+        rows.append(
+            {
+                "name": target.name,
+                "runtime": target.runtime,
+                "locality": target.locality.model_dump(),
+                "endpoint": target.endpoint,
+                "concurrency": target.concurrency,
+                "capabilities": target.capabilities,
+                "routing": target.routing.model_dump(),
+                "health": {**health.model_dump(mode="json"), "age_s": age, "stale": stale},
+            }
+        )
+    if as_json:
+        _emit_json(rows)
+        return
+    for row, health in zip(rows, healths, strict=True):
+        age = row["health"]["age_s"]
+        when = "never probed" if age is None else f"{age:.0f} s ago"
+        if row["health"]["stale"]:
+            when += ", too old to count"
+        latency = f" {health.latency_ms:.0f} ms" if health.latency_ms is not None else ""
+        click.echo(
+            f"{row['name']:<22} {row['runtime']:<14} {row['locality']['kind']:<6} "
+            f"x{row['concurrency']:<3} {health.status.upper():<7}{latency}  ({when})  "
+            f"{health.detail if health.status != 'unknown' else ''}".rstrip()
+        )
+
+
 # -- run ------------------------------------------------------------------------------------
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 from dagster import Definitions, in_process_executor
 
 from ergot_dagster.assets import build_assets
+from ergot_dagster.assets.runtime_targets import build_target_checks, target_specs
 from ergot_dagster.resources.adapters import runtime_resources
 from ergot_dagster.resources.artifact_store import ArtifactStoreResource
 from ergot_dagster.resources.source_root import SourceRootResource
-from ergot_dagster.resources.targets import RuntimeTargetsResource
+from ergot_dagster.resources.targets import RuntimeTargetsResource, target_resources
+from ergot_dagster.sensors.health_sensor import runtime_health
 from ergot_dagster.sensors.ingest_sensor import ingest_sensor
 from ergot_dagster.sensors.request_inbox import request_inbox
 from ergot_dagster.settings import ErgotSettings
+from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
@@ -25,13 +28,16 @@ def build_definitions(settings: ErgotSettings | None = None) -> Definitions:
     """Build the Definitions for the given settings (the environment's by default)."""
     settings = settings or ErgotSettings.from_env()
     registry: WorkflowRegistry = load_registry(settings.workflow_defs)
+    targets = load_targets(settings.runtime_targets)
     return Definitions(
-        assets=build_assets(registry),
-        sensors=[ingest_sensor, request_inbox],
+        assets=[*build_assets(registry), *target_specs(targets)],
+        asset_checks=build_target_checks(targets),
+        sensors=[ingest_sensor, request_inbox, runtime_health],
         resources={
             "artifact_store": ArtifactStoreResource(location=settings.storage),
             "sources": SourceRootResource(root=settings.ingest_root),
             "runtime_targets": RuntimeTargetsResource(path=str(settings.runtime_targets)),
+            **target_resources(settings.runtime_targets, targets),
             **runtime_resources(registry),
         },
         # Each workflow is one op, so a run has one step: running it in the run worker itself

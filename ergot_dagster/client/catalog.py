@@ -130,3 +130,6 @@ class GraphQLCatalog:
 
     def targets(self) -> TargetsConfig | None:
         return None
+
+    def unhealthy_targets(self) -> set[str]:
+        return set()

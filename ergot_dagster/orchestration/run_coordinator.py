@@ -26,6 +26,7 @@ from ergot_dagster.orchestration import tags as T
 from ergot_dagster.orchestration.idempotency import duplicate_of, same_request
 from ergot_dagster.settings import ErgotSettings
 from ergot_dagster.targets.config import cached_targets
+from ergot_dagster.targets.health import unhealthy_targets
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.targets.routing import TARGET_TAG_PREFIX, route, routing_tags
 from ergot_dagster.workflows.loader import cached_registry
@@ -52,13 +53,17 @@ def workflows_of_run(run: DagsterRun, settings: ErgotSettings) -> list[WorkflowD
     return list(found.values())
 
 
-def route_run(run: DagsterRun, settings: ErgotSettings) -> dict[str, RuntimeTarget]:
-    """Route every workflow in the run; `RoutingError` if one cannot be served."""
+def route_run(
+    run: DagsterRun, settings: ErgotSettings, instance: DagsterInstance
+) -> dict[str, RuntimeTarget]:
+    """Route every workflow in the run, skipping targets last found down; `RoutingError` if one
+    cannot be served."""
     targets = cached_targets(settings.runtime_targets)
     execution_target = run.tags.get(T.EXECUTION_TARGET, "local")
+    down = unhealthy_targets(instance, targets)
     routed: dict[str, RuntimeTarget] = {}
     for definition in workflows_of_run(run, settings):
-        for runtime, target in route(definition, targets, execution_target).items():
+        for runtime, target in route(definition, targets, execution_target, unhealthy=down).items():
             routed.setdefault(runtime, target)
     return routed
 
@@ -117,7 +122,7 @@ class ErgotRunCoordinator(QueuedRunCoordinator):
     def _route(self, run: DagsterRun) -> str | None:
         """Tag the run with its targets; return the reason when it cannot be routed."""
         try:
-            routed = route_run(run, ErgotSettings.from_env())
+            routed = route_run(run, ErgotSettings.from_env(), self._instance)
         except ErgotError as exc:
             return f"Cannot route this run: {exc}"
         if routed:

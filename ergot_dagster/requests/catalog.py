@@ -10,6 +10,7 @@ from ergot_dagster.errors import StoreError
 from ergot_dagster.refs import ref_to_partition_key
 from ergot_dagster.sources.record import SourceRecord, latest_source_record
 from ergot_dagster.targets.config import TargetsConfig
+from ergot_dagster.targets.health import unhealthy_targets
 from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
@@ -43,3 +44,8 @@ class LocalCatalog:
 
     def targets(self) -> TargetsConfig | None:
         return self._targets
+
+    def unhealthy_targets(self) -> set[str]:
+        if self._targets is None:
+            return set()
+        return unhealthy_targets(self._instance, self._targets)

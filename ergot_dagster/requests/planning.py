@@ -39,6 +39,8 @@ class RequestCatalog(Protocol):
 
     def targets(self) -> TargetsConfig | None: ...
 
+    def unhealthy_targets(self) -> set[str]: ...
+
 
 class RunPlan(BaseModel):
     """Everything needed to create the request's run in Dagster."""
@@ -95,7 +97,8 @@ def plan_run(request: ProcessingRequest, catalog: RequestCatalog) -> RunPlan:
     check_execution(definition, target)
     targets = catalog.targets()
     if targets is not None:
-        route(definition, targets, target)  # raises, naming what each target lacked
+        # Raises, naming what each target lacked (or that it was found down).
+        route(definition, targets, target, unhealthy=catalog.unhealthy_targets())
     _check_sources(request, definition, catalog)
 
     tags = {

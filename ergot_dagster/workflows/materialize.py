@@ -36,6 +36,7 @@ from ergot_dagster.orchestration.retry import StepRetry
 from ergot_dagster.orchestration.worker import current_worker
 from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
 from ergot_dagster.resources.runtime import RuntimeAdapter, resource_key
+from ergot_dagster.targets.health import unhealthy_targets
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.targets.routing import route, runtime_types, targets_from_tags
 from ergot_dagster.workflows.execute import PlanFailure, execute_plan
@@ -164,7 +165,12 @@ def _targets(
     tags = context.run.tags
     routed = targets_from_tags(dict(tags), config)
     if any(runtime not in routed for runtime in runtime_types(definition)):
-        fresh = route(definition, config, tags.get(T.EXECUTION_TARGET, "local"))
+        fresh = route(
+            definition,
+            config,
+            tags.get(T.EXECUTION_TARGET, "local"),
+            unhealthy=unhealthy_targets(context.instance, config),
+        )
         routed = {**fresh, **routed}
     return routed
 
