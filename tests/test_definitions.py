@@ -17,13 +17,20 @@ from ergot_dagster.sources.record import (
     latest_source_record,
     record_sources,
 )
+from ergot_dagster.workflows.loader import load_registry
 
 
 def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) -> None:
     defs = build_definitions(plane_settings)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {
+    registry = load_registry(plane_settings.workflow_defs)
+    expected_keys = {"ergot/source", "runtime/ffmpeg-local"} | {
+        f"{d.family}/{d.name}/{artifact}" for d in registry.all() for artifact in d.outputs
+    }
+    # Every other asset is an artifact of a loaded workflow or a runtime target.
+    assert keys == expected_keys | {k for k in keys if k.startswith("runtime/")}
+    assert keys >= {
         "ergot/source",
         "core/poster_extraction/poster",
         "core/poster_extraction/poster_info",
@@ -46,7 +53,13 @@ def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) ->
     assert metadata["settings_schema"].value["properties"]["width"]["default"] == 640
     sheet = graph.get(AssetKey(["photogrammetry", "frame_sampling", "contact_sheet"]))
     assert sheet.group_name == "photogrammetry"
-    checks = {key.name for key in graph.asset_check_keys}
+    checks = {key.name for key in graph.asset_check_keys if key.asset_key.path[0] == "core"}
+    runtime_checks = {
+        key.asset_key.to_user_string()
+        for key in graph.asset_check_keys
+        if key.asset_key.path[0] == "runtime"
+    }
+    assert runtime_checks == {"runtime/ffmpeg-local"}
     assert checks == {
         "duration_in_range",
         "loudness_in_range",
@@ -54,8 +67,13 @@ def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) ->
         "silence_within_limit",
         "frozen_within_limit",
     }
-    assert [s.name for s in defs.sensors] == ["ingest_sensor", "request_inbox"]
-    assert set(defs.resources) >= {"artifact_store", "sources", "runtime_ffmpeg"}
+    assert [s.name for s in defs.sensors] == ["ingest_sensor", "request_inbox", "runtime_health"]
+    assert set(defs.resources) >= {
+        "artifact_store",
+        "sources",
+        "runtime_ffmpeg",
+        "target_ffmpeg_local",
+    }
 
 
 def test_materializing_a_source_partition_records_it_again(
