@@ -22,6 +22,8 @@ from dagster import (
 )
 
 from ergot_dagster.assets.runtime_targets import build_target_checks, target_specs
+from ergot_dagster.errors import DefinitionError
+from ergot_dagster.orchestration.run_coordinator import ErgotRunCoordinator
 from ergot_dagster.resources.targets import RuntimeTargetsResource
 from ergot_dagster.sensors.health_sensor import runtime_health
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
@@ -32,7 +34,7 @@ from ergot_dagster.targets.health import (
     last_health,
     unhealthy_targets,
 )
-from ergot_dagster.targets.routing import RoutingError, route
+from ergot_dagster.targets.routing import RoutingError, route, routing_tags
 from ergot_dagster.workflows.model import WorkflowDefinition
 from tests.conftest import subprocess_env
 from tests.servers.studio_server import StudioLoopbackServer
@@ -205,3 +207,31 @@ def test_ergot_targets_lists_each_target_with_its_health(
     lines = after.stdout.splitlines()
     assert "DOWN" in lines[0] and "studio-dead" in lines[0]
     assert "UP" in lines[1] and "studio-live" in lines[1]
+
+
+def test_a_pool_limits_runs_across_the_targets_that_share_it(
+    plane_settings: ErgotSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = plane_settings.home / "pooled_targets.yaml"
+    target = {"runtime": "studio", "capabilities": CAPABILITIES, "routing": {"pool": "gpu-box"}}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pools": {"gpu-box": 1},
+                "targets": [
+                    {**target, "name": "studio-a", "endpoint": "http://10.0.0.1:8189"},
+                    {**target, "name": "studio-b", "endpoint": "http://10.0.0.2:8189"},
+                ],
+            }
+        )
+    )
+    monkeypatch.setenv("ERGOT_RUNTIME_TARGETS", str(path))
+    config = load_targets(path)
+    tags = routing_tags(route(_speak(), config))
+    assert tags["ergot/pool.gpu-box"] == "studio-a"
+    limits = ErgotRunCoordinator().get_run_queue_config().tag_concurrency_limits
+    assert {"key": "ergot/pool.gpu-box", "limit": 1} in limits
+    assert {"key": "ergot/target.studio-b", "limit": 1} in limits
+    path.write_text(path.read_text().replace("pools:\n  gpu-box: 1\n", ""))
+    with pytest.raises(DefinitionError, match="names pool 'gpu-box', which `pools` does not"):
+        load_targets(path)

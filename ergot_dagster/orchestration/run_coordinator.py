@@ -25,7 +25,7 @@ from ergot_dagster.errors import ErgotError
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.orchestration.idempotency import duplicate_of, same_request
 from ergot_dagster.settings import ErgotSettings
-from ergot_dagster.targets.config import cached_targets
+from ergot_dagster.targets.config import POOL_TAG_PREFIX, cached_targets
 from ergot_dagster.targets.health import unhealthy_targets
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.targets.routing import TARGET_TAG_PREFIX, route, routing_tags
@@ -74,15 +74,18 @@ class ErgotRunCoordinator(QueuedRunCoordinator):
     def get_run_queue_config(self) -> RunQueueConfig:
         config = super().get_run_queue_config()
         try:
-            targets = cached_targets(ErgotSettings.from_env().runtime_targets).targets
+            targets_config = cached_targets(ErgotSettings.from_env().runtime_targets)
         except (ErgotError, OSError) as exc:
             logger.warning(f"runtime targets unreadable, no per-target limits applied: {exc}")
             return config
         configured = {limit.get("key") for limit in config.tag_concurrency_limits}
         limits: list[dict[str, Any]] = list(config.tag_concurrency_limits)
-        for target in targets:
+        for target in targets_config.targets:
             if target.concurrency_tag not in configured:
                 limits.append({"key": target.concurrency_tag, "limit": target.concurrency})
+        for pool, limit in targets_config.pools.items():
+            if POOL_TAG_PREFIX + pool not in configured:
+                limits.append({"key": POOL_TAG_PREFIX + pool, "limit": limit})
         return config._replace(tag_concurrency_limits=limits)
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:

@@ -12,20 +12,31 @@ where <NAME> is the target name in upper case with `-` as `_` (ffmpeg-local -> F
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ergot_dagster.errors import DefinitionError
 from ergot_dagster.targets.model import RuntimeTarget
 
+POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+POOL_TAG_PREFIX = "ergot/pool."
+
 
 class TargetsConfig(BaseModel):
-    """Every configured target."""
+    """Every configured target, and the pools some of them share."""
+
+    model_config = ConfigDict(extra="forbid")
 
     targets: list[RuntimeTarget] = Field(default_factory=list)
+    pools: dict[str, int] = Field(
+        default_factory=dict,
+        description="pool name -> runs at a time across every target whose `routing.pool` "
+        "names it (e.g. several targets on one GPU box)",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> TargetsConfig:
@@ -33,6 +44,15 @@ class TargetsConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"target names must be unique; repeated: {', '.join(duplicates)}")
+        for name, limit in self.pools.items():
+            if not POOL_NAME.match(name) or limit < 1:
+                raise ValueError(f"pool {name!r} needs a name like gpu-box-1 and a limit >= 1")
+        for target in self.targets:
+            pool = target.routing.pool
+            if pool is not None and pool not in self.pools:
+                raise ValueError(
+                    f"target {target.name} names pool {pool!r}, which `pools` does not declare"
+                )
         return self
 
     def get(self, name: str) -> RuntimeTarget | None:

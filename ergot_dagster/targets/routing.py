@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ergot_dagster.errors import RequestError
-from ergot_dagster.targets.config import TargetsConfig
+from ergot_dagster.targets.config import POOL_TAG_PREFIX, TargetsConfig
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import WorkflowDefinition
 
@@ -108,6 +108,10 @@ def routing_tags(routed: dict[str, RuntimeTarget]) -> dict[str, str]:
     """Run tags recording the routing; each target's tag counts against its concurrency limit."""
     tags = {target.concurrency_tag: runtime for runtime, target in routed.items()}
     tags["ergot/targets"] = ",".join(sorted(t.name for t in routed.values()))
+    for target in routed.values():
+        if target.routing.pool:
+            # Counted against the pool's limit as well as the target's own.
+            tags[POOL_TAG_PREFIX + target.routing.pool] = target.name
     return tags
 
 
