@@ -1,1 +1,1 @@
-"""Sensors: ingest of new source media and the request inbox (runtime health comes later)."""
+"""Sensors: ingest of new source media, the request inbox, and runtime target health."""
