@@ -42,8 +42,9 @@ from ergot_dagster.settings import PROJECT_ROOT
 from ergot_dagster.sources.ingest import ingest_refs, scan_root
 from ergot_dagster.sources.record import latest_source_record, record_sources
 from ergot_dagster.targets.config import load_targets
+from ergot_dagster.targets.health import last_health
 from ergot_dagster.workflows.loader import load_registry, publish
-from tests.support import dagster_dev, fresh_database, stop, until
+from tests.support import dagster_dev, free_port, fresh_database, stop, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -150,6 +151,18 @@ def _write_definitions(defs: Path) -> None:
 def _write_targets(path: Path, studio_url: str) -> None:
     targets = yaml.safe_load((PROJECT_ROOT / "runtime_targets.yaml").read_text())
     targets["targets"][0]["concurrency"] = 1
+    # A Studio target that is down, first in the file and preferred: routing must pass it by
+    # once the health sensor has found it down.
+    targets["targets"].append(
+        {
+            "name": "studio-dead",
+            "runtime": "studio",
+            "capabilities": STUDIO_CAPABILITIES,
+            "endpoint": f"http://127.0.0.1:{free_port()}",
+            "concurrency": 1,
+            "routing": {"prefer_for": ["speak", "speak_short", "voice_prompt"]},
+        }
+    )
     targets["targets"].append(
         {
             "name": "studio-loop",
@@ -207,6 +220,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
                 "ERGOT_STEP_RETRIES": "2",
                 "ERGOT_STEP_RETRY_DELAY_S": "0.2",
                 "ERGOT_INGEST_INTERVAL_S": "3600",
+                "ERGOT_HEALTH_INTERVAL_S": "1",
             }
         )
         try:
@@ -220,6 +234,12 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
             record_sources(instance, [o.record for o in outcomes if o.record])
             log = root / "dagster-dev.log"
             with dagster_dev(home, dict(os.environ), log) as url:
+                dead = load_targets(targets_file).get("studio-dead")
+                assert dead is not None
+                until(
+                    "the health sensor to find studio-dead down",
+                    lambda: last_health(instance, dead).status == "down",
+                )
                 store = LocalArtifactStore(home / "artifacts")
                 catalog = LocalCatalog(
                     load_registry(defs), instance, store, load_targets(targets_file)
@@ -539,3 +559,20 @@ def test_a_refused_run_is_not_retried(plane: Plane) -> None:
         first.run_id,
         refused.run_id,
     ]
+
+
+def test_runs_go_to_the_healthy_target_and_ergot_targets_says_which_is_down(plane: Plane) -> None:
+    handle = plane.client.submit(plane.request("speak", "cam/talk.mov"))
+    status = plane.wait(handle.run_id)
+    assert status.status == "SUCCESS"
+    assert "studio-loop" in status.targets and "studio-dead" not in status.targets
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "ergot"), "targets", "--json"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    health = {row["name"]: row["health"]["status"] for row in json.loads(listed.stdout)}
+    assert health == {"ffmpeg-local": "up", "studio-dead": "down", "studio-loop": "up"}
