@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from dagster import MetadataValue
@@ -10,8 +11,14 @@ from dagster import MetadataValue
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 
 
-def manifest_metadata(manifest: ArtifactManifest) -> dict[str, Any]:
-    """Readable fields for the UI, and the whole manifest for machines."""
+def manifest_metadata(
+    manifest: ArtifactManifest, preview: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Readable fields for the UI, and the whole manifest for machines.
+
+    `preview` holds extra entries that show the artifact itself (`artifacts.preview`); they never
+    replace a manifest field, which consumers read back.
+    """
     metadata: dict[str, Any] = {
         "ref": manifest.ref,
         "name": manifest.name,
@@ -21,6 +28,11 @@ def manifest_metadata(manifest: ArtifactManifest) -> dict[str, Any]:
         "uri": manifest.uri,
         "workflow": manifest.workflow,
         "source_ref": manifest.source_ref,
+    }
+    # Above the long JSON entries, so that the UI's table shows it without scrolling.
+    for key, value in (preview or {}).items():
+        metadata.setdefault(key, value)
+    metadata |= {
         "parents": MetadataValue.json([p.model_dump(mode="json") for p in manifest.parents]),
         "runtime": MetadataValue.json(manifest.runtime.model_dump(mode="json")),
         "manifest": MetadataValue.json(json.loads(manifest.model_dump_json())),

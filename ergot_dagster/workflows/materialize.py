@@ -27,6 +27,7 @@ from dagster import (
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.metadata import manifest_metadata
+from ergot_dagster.artifacts.preview import artifact_preview
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.checks import get_evaluator
 from ergot_dagster.errors import ErgotError, RuntimeFailure
@@ -246,7 +247,9 @@ def materialize_workflow(
                     sha256=manifest.sha256,
                 )
                 continue
-            metadata = manifest_metadata(manifest)
+            metadata = manifest_metadata(
+                manifest, artifact_preview(manifest, store.local_path, log=context.log)
+            )
             if stored.stage_metadata:
                 metadata["stage_metadata"] = MetadataValue.json(stored.stage_metadata)
             yield MaterializeResult(
