@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ergot_dagster.resources.face_embedding.adapter import FaceEmbeddingRuntime
 from ergot_dagster.resources.ffmpeg.adapter import FFmpegRuntime
 from ergot_dagster.resources.runtime import (
     RuntimeAdapter,
@@ -10,10 +11,20 @@ from ergot_dagster.resources.runtime import (
     resource_key,
 )
 from ergot_dagster.resources.studio.adapter import StudioRuntime
+from ergot_dagster.resources.transcription.adapter import TranscriptionRuntime
+from ergot_dagster.resources.tts.adapter import TTSRuntime
+from ergot_dagster.resources.voice_prompt.adapter import VoicePromptRuntime
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
 # Importing an adapter module registers it; list them here so the registry is complete.
-BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (FFmpegRuntime, StudioRuntime)
+BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (
+    FFmpegRuntime,
+    StudioRuntime,
+    FaceEmbeddingRuntime,
+    TTSRuntime,
+    TranscriptionRuntime,
+    VoicePromptRuntime,
+)
 
 
 def runtime_resources(registry: WorkflowRegistry) -> dict[str, RuntimeAdapter]:
