@@ -1,0 +1,117 @@
+"""The local engine's worker process: `python -m ergot_dagster.resources.face_embedding.worker JOB`.
+
+The adapter starts it in its own process group for each stage, so that a cancelled run or a passed
+deadline kills the dlib work at once (a thread in the run worker could not be stopped). JOB is a
+JSON file (`WorkerJob`) naming the prepared frames and the engine options. The worker loads the
+engine, analyses the frames in order and writes one protocol answer per frame to `output`
+(atomically, so a half-written file is never read). Progress goes to stdout, one JSON object a
+line (`{"done": 1, "total": 4, "faces": 1}`).
+
+A failure the worker understands ends it with status 2 and a last stderr line
+`ergot-face-error: {"message": ..., "permanent": true}`; anything else is a traceback and status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ergot_dagster.resources.face_embedding.model import LocalOptions
+
+ERROR_PREFIX = "ergot-face-error: "
+EXIT_ERROR = 2
+
+
+class WorkerFrame(BaseModel):
+    """One prepared picture to analyse, and the smallest face to keep in its pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    min_face_px: float = Field(ge=1)
+
+
+class WorkerJob(BaseModel):
+    """What the adapter asks of one worker run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: list[WorkerFrame] = Field(min_length=1)
+    options: LocalOptions
+    max_faces: int = Field(ge=1)
+    output: Path
+
+
+class WorkerFailure(Exception):
+    """A failure to report to the adapter; `permanent` says whether trying again could help."""
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise WorkerFailure(f"{path.name} cannot be decoded: {exc}") from exc
+
+
+def run(job: WorkerJob) -> None:
+    """Analyse every frame of `job` and write the answers."""
+    # Imported here so that `--help`-like failures and job errors do not pay for loading dlib.
+    from ergot_dagster.resources.face_embedding.engine import DlibEngine
+
+    try:
+        engine = DlibEngine(landmarks=job.options.model)
+    except (FileNotFoundError, ImportError, RuntimeError) as exc:
+        raise WorkerFailure(f"the dlib engine cannot start: {exc}") from exc
+    answers = []
+    total = len(job.frames)
+    for done, frame in enumerate(job.frames, start=1):
+        answer = engine.analyze(
+            _load_rgb(frame.path),
+            upsample=job.options.upsample,
+            min_score=job.options.min_score,
+            min_face_px=frame.min_face_px,
+            max_faces=job.max_faces,
+            jitters=job.options.jitters,
+        )
+        answers.append(answer)
+        print(json.dumps({"done": done, "total": total, "faces": len(answer["faces"])}), flush=True)
+    partial = job.output.with_name(f".{job.output.name}.part")
+    partial.write_text(json.dumps({"engine": engine.info, "frames": answers}), encoding="utf-8")
+    os.replace(partial, job.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job file named on the command line; the exit status says how it went."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(
+            f"usage: python -m {__spec__.name if __spec__ else 'worker'} JOB.json", file=sys.stderr
+        )
+        return EXIT_ERROR
+    try:
+        try:
+            job = WorkerJob.model_validate_json(Path(args[0]).read_bytes())
+        except (OSError, ValueError) as exc:
+            # The adapter wrote the job, so this is a bug rather than bad input: not retryable.
+            raise WorkerFailure(f"the worker job cannot be read: {exc}") from exc
+        run(job)
+    except WorkerFailure as exc:
+        report = {"message": str(exc), "permanent": exc.permanent}
+        print(ERROR_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
