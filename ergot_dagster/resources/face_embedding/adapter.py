@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from pydantic import Field, ValidationError
 
-from ergot_dagster.errors import PermanentRuntimeError, TransientRuntimeError
+from ergot_dagster.errors import PermanentRuntimeError, RuntimeFailure, TransientRuntimeError
 from ergot_dagster.media.process import stderr_tail
 from ergot_dagster.resources.face_embedding import engine as local_engine
 from ergot_dagster.resources.face_embedding.frames import PreparedInput, prepare
@@ -492,12 +492,17 @@ class FaceEmbeddingRuntime(JobRuntime):
             return HealthReport(healthy=False, detail=str(exc))
         try:
             answer = session.exchange("GET", HEALTH_PATH, "the health probe")
-        except Exception as exc:  # SessionDeadline included
-            # Any failure is an unhealthy target; the type alone, as messages may quote the URL.
+        except Exception as exc:
+            # Any failure is an unhealthy target. The plane's own errors name the cause without
+            # the URL; anything else is named by its type alone, as messages may quote the URL.
+            if isinstance(exc, RuntimeFailure):
+                detail = str(exc)
+            elif isinstance(exc, SessionDeadline):
+                detail = f"no answer within {self.health_timeout_s:g} s"
+            else:
+                detail = f"unreachable ({type(exc).__name__})"
             return HealthReport(
-                healthy=False,
-                detail=f"unreachable ({type(exc).__name__})",
-                latency_ms=(time.monotonic() - started) * 1000,
+                healthy=False, detail=detail, latency_ms=(time.monotonic() - started) * 1000
             )
         finally:
             session.close()
