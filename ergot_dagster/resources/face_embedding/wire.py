@@ -10,6 +10,7 @@ permanent (except 408 and 429), 5xx, 408, 429, timeouts and unreachable services
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -58,6 +59,33 @@ def scrub(text: str, secrets: tuple[str, ...]) -> str:
         text = text.replace(secret, "***")
     text = " ".join(text.split())
     return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
+
+
+class _DeadlineReader:
+    """An upload body for httpx's multipart encoder that stops at the stage deadline.
+
+    httpx bounds each socket write, not the whole upload: a service reading slowly enough could
+    otherwise hold an upload past the deadline.
+    """
+
+    def __init__(self, data: bytes, deadline: float) -> None:
+        self._data = io.BytesIO(data)
+        self._deadline = deadline
+        self._size = len(data)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._data.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self._deadline:
+            raise SessionDeadline
+        return self._data.read(size)
 
 
 @dataclass(frozen=True)
@@ -232,7 +260,7 @@ class EmbedSession:
     ) -> EmbedAnswer:
         """POST one image; the validated answer, or the classified error."""
         parts = [
-            ("image", (filename, image, "image/png")),
+            ("image", (filename, _DeadlineReader(image, self.deadline), "image/png")),
             ("options", (None, json.dumps(options).encode(), "application/json")),
         ]
         answer = self.exchange(
