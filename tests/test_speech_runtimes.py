@@ -277,6 +277,19 @@ def test_local_piper_speech_is_real_and_round_trips(media: dict[str, Path], tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_espeak_engine_speaks_too(tmp_path: Path) -> None:
+    target = RuntimeTarget(
+        name="tts-espeak", runtime="tts", options={"engine": "espeak-ng", "voice": "en-us"}
+    )
+    assert TTSRuntime().health(target).healthy
+    audio = speak(SENTENCE, tmp_path / "espeak", target=target)
+    assert (probe(audio).duration_s or 0) > 1.5
+    transcript, _, _ = transcribe(audio, tmp_path / "heard")
+    assert len(SENTENCE_WORDS & words(transcript["text"])) >= 3, transcript["text"]
+
+
+@pytest.mark.slow
 def test_local_transcription_gives_segments_and_webvtt(
     media: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -450,12 +463,15 @@ def test_cancelling_stops_the_local_engine_process(
         )
         adapter: Any = TTSRuntime()
     else:
+        # Long enough that the worker is still busy when the interrupt lands.
+        long_recording = tmp_path / "long.wav"
+        ffmpeg("-stream_loop", "4", "-i", str(media["recording"]), str(long_recording))
         stage = request(
             "transcription",
             "transcribe",
             TRANSCRIPTION_LOCAL,
             tmp_path / "work",
-            inputs={"audio": media["recording"]},
+            inputs={"audio": long_recording},
         )
         adapter = TranscriptionRuntime()
     seen: list[int] = []
