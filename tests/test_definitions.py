@@ -17,6 +17,7 @@ from ergot_dagster.sources.record import (
     latest_source_record,
     record_sources,
 )
+from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
 
 
@@ -59,7 +60,8 @@ def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) ->
         for key in graph.asset_check_keys
         if key.asset_key.path[0] == "runtime"
     }
-    assert runtime_checks == {"runtime/ffmpeg-local"}
+    configured = load_targets(plane_settings.runtime_targets).targets
+    assert runtime_checks == {f"runtime/{target.name}" for target in configured}
     assert checks == {
         "duration_in_range",
         "loudness_in_range",
