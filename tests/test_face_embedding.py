@@ -345,23 +345,14 @@ def _worker_pids(job_file: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def long_video(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path]) -> Path:
-    """Four seconds of the zooming portrait: forty frames keep the worker busy for seconds."""
-    path = tmp_path_factory.mktemp("long") / "long.mp4"
-    _ffmpeg(
-        "-stream_loop", "1", "-i", str(media["zoom"]), "-t", "4", "-c:v", "libx264", str(path)
-    )  # fmt: skip
-    return path
-
-
-# Forty frames, each analysed at twice its size: tens of seconds of dlib work.
-BUSY = {"interval_s": 0.1, "max_frames": 40}
+# Twelve frames, each analysed at eight times its size: about 20 s of dlib work.
+BUSY = {"interval_s": 0.25, "max_frames": 12}
+BUSY_ENGINE = {"upsample": 3}
 
 
 @pytest.mark.slow
 def test_a_cancelled_run_kills_the_local_worker_at_once(
-    adapter: FaceEmbeddingRuntime, long_video: Path, tmp_path: Path
+    adapter: FaceEmbeddingRuntime, media: dict[str, Path], tmp_path: Path
 ) -> None:
     workdir = tmp_path / "w"
     seen: list[int] = []
@@ -373,7 +364,7 @@ def test_a_cancelled_run_kills_the_local_worker_at_once(
         raise KeyboardInterrupt
 
     request = stage_request(
-        workdir, long_video, local_target(upsample=2), params=BUSY, progress=interrupt
+        workdir, media["zoom"], local_target(**BUSY_ENGINE), params=BUSY, progress=interrupt
     )
     with pytest.raises(KeyboardInterrupt):
         adapter.run_stage(request, LOG)
@@ -384,11 +375,11 @@ def test_a_cancelled_run_kills_the_local_worker_at_once(
 
 @pytest.mark.slow
 def test_a_stage_past_its_deadline_kills_the_worker_and_is_transient(
-    adapter: FaceEmbeddingRuntime, long_video: Path, tmp_path: Path
+    adapter: FaceEmbeddingRuntime, media: dict[str, Path], tmp_path: Path
 ) -> None:
     workdir = tmp_path / "w"
     request = stage_request(
-        workdir, long_video, local_target(upsample=2), params=BUSY, timeout_s=6.0
+        workdir, media["zoom"], local_target(**BUSY_ENGINE), params=BUSY, timeout_s=6.0
     )
     with pytest.raises(RuntimeTimeoutError) as caught:
         adapter.run_stage(request, LOG)

@@ -30,12 +30,12 @@ Test-only control surface (NOT part of the protocol; no token needed)
   -- the next `times` `POST /v1/faces:embed` answer this error (after authentication, before
   the body is looked at; the body is read and dropped). `times` defaults to 1.
 - `delay_s: 2.0` -- every embed answer is held back this long after the work, to make clients
-  time out.
+  time out. A `reset` releases the requests held back and drops them unanswered.
 - `tamper: "not_json" | "wrong_dims" | "short_embedding" | "nan" | "wrong_model" | "wrong_size" |
-  "no_faces"` with `tamper_times: N` (default 1) -- the next N answers that would be 200 are
-  corrupted that way (a body that is not JSON; `dims` off by one; one face's embedding one value
-  short; a NaN in an embedding (sent as the bare token NaN); another model's name; another image
-  size; the `faces` key missing).
+  "no_faces"` with `tamper_times: N` (default 1) -- the answers to the next N valid embed
+  requests (counted as they arrive) are corrupted that way: a body that is not JSON; `dims` off
+  by one; one face's embedding one value short; a NaN in an embedding (sent as the bare token
+  NaN); another model's name; another image size; the `faces` key missing.
 
 `GET /_loopback/state` (`server.state()`) answers what the server saw: `embeds` (answered 200),
 `requests` (count), `request_log` (the last 500 "METHOD /path"), `request_ids` (the X-Request-Id
@@ -155,6 +155,9 @@ class FaceEmbeddingLoopbackServer:
         self._request_ids: list[str] = []
         self._last_options: dict[str, Any] | None = None
         self._auth_failures = 0
+        # A reset starts a new generation and releases the requests held by `delay_s`.
+        self._generation = 0
+        self._released = threading.Event()
 
     # lifecycle
 
@@ -212,9 +215,13 @@ class FaceEmbeddingLoopbackServer:
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
         with self._lock:
-            config = (
-                LoopbackConfig() if changes.get("reset") else LoopbackConfig(**asdict(self.config))
-            )
+            if changes.get("reset"):
+                config = LoopbackConfig()
+                self._generation += 1
+                self._released.set()
+                self._released = threading.Event()
+            else:
+                config = LoopbackConfig(**asdict(self.config))
             if "fail_next" in changes:
                 entries = changes["fail_next"]
                 if not isinstance(entries, list) or not all(
@@ -330,11 +337,26 @@ class FaceEmbeddingLoopbackServer:
         answer["elapsed_ms"] = round((time.monotonic() - started) * 1000, 1)
         return answer
 
-    def hold(self) -> None:
-        """Wait `delay_s` before answering (cut short when the server stops)."""
-        delay = self.config.delay_s
-        if delay > 0:
-            self._stopping.wait(delay)
+    def arrival(self) -> tuple[int, float, threading.Event]:
+        """What an embed request keeps from the moment it arrived: the settings generation, the
+        delay in force, and the event a reset sets to release it."""
+        with self._lock:
+            return self._generation, self.config.delay_s, self._released
+
+    def hold(self, delay: float, released: threading.Event) -> None:
+        """Wait `delay` before answering, cut short by a reset or the server stopping."""
+        deadline = time.monotonic() + delay
+        while not self._stopping.is_set() and not released.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            released.wait(min(remaining, 0.05))
+
+    def current(self, generation: int) -> bool:
+        """Whether no reset happened since `generation`: a request from before one is dropped,
+        so that what it would do (count, take a tamper) never leaks into a later test."""
+        with self._lock:
+            return generation == self._generation
 
     def count_embed(self) -> None:
         with self._lock:
@@ -561,9 +583,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
         image = _decode(images[0].data)
         request_id = self.headers.get("X-Request-Id", "")[:200]
-        answer = loop.embed(image, options, request_id)
-        loop.hold()
+        generation, delay, released = loop.arrival()
+        # Decided on arrival: a request held back must not take what a later one was meant for.
         tamper = loop.take_tamper()
+        answer = loop.embed(image, options, request_id)
+        loop.hold(delay, released)
+        if not loop.current(generation):
+            self.close_connection = True
+            return
         body_out = _tampered(answer, tamper) if tamper else json.dumps(answer).encode()
         loop.count_embed()
         self._send(200, body_out)
