@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ergot_dagster.resources.comfyui.adapter import ComfyUIRuntime
 from ergot_dagster.resources.face_embedding.adapter import FaceEmbeddingRuntime
 from ergot_dagster.resources.ffmpeg.adapter import FFmpegRuntime
 from ergot_dagster.resources.runtime import (
@@ -24,6 +25,7 @@ BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (
     TTSRuntime,
     TranscriptionRuntime,
     VoicePromptRuntime,
+    ComfyUIRuntime,
 )
 
 
