@@ -25,6 +25,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 from PIL import Image
 
+from ergot_dagster.artifacts.store import open_store
 from ergot_dagster.assets import build_assets
 from ergot_dagster.definitions import build_definitions
 from ergot_dagster.errors import (
@@ -34,6 +35,7 @@ from ergot_dagster.errors import (
 )
 from ergot_dagster.media.sniff import verify_media_type
 from ergot_dagster.media.synth import make_corrupt, make_image
+from ergot_dagster.orchestration.tags import EXECUTION_TARGET
 from ergot_dagster.refs import ref_to_partition_key
 from ergot_dagster.resources.adapters import BUILTIN_ADAPTERS
 from ergot_dagster.resources.face_embedding.adapter import FaceEmbeddingRuntime
@@ -668,12 +670,26 @@ def test_the_example_targets_route_locally_and_remotely() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "remote"])
 def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
+    where: str,
     plane_settings: ErgotSettings,
     instance: DagsterInstance,
     ingest_root: Path,
     media: dict[str, Path],
+    server: FaceEmbeddingLoopbackServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The published workflow as a Dagster run, routed to face-local or (with the example
+    targets, their endpoint overridden to the loopback service) to face-remote."""
+    settings = plane_settings
+    if where == "remote":
+        monkeypatch.setenv(
+            "ERGOT_RUNTIME_TARGETS", str(PROJECT_ROOT / "examples/vision/runtime_targets.yaml")
+        )
+        monkeypatch.setenv("ERGOT_TARGET_FACE_REMOTE_ENDPOINT", server.url)
+        monkeypatch.setenv("ERGOT_FACE_TOKEN", SERVER_TOKEN)
+        settings = ErgotSettings.from_env()
     (ingest_root / "people").mkdir()
     portrait = ingest_root / "people" / "astronaut.png"
     portrait.write_bytes(media["portrait"].read_bytes())
@@ -681,9 +697,9 @@ def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
         ingest_root, ["people/astronaut.png"], lambda key: latest_source_record(instance, key)
     )
     record_sources(instance, [o.record for o in outcomes if o.record])
-    registry = load_registry(plane_settings.workflow_defs)
+    registry = load_registry(settings.workflow_defs)
     definition = registry.get("face_embedding")
-    defs = build_definitions(plane_settings)
+    defs = build_definitions(settings)
     result = materialize(
         build_assets(registry),
         selection=[AssetKey(["vision", "face_embedding", n]) for n in definition.outputs],
@@ -691,12 +707,11 @@ def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
         instance=instance,
         resources=defs.resources,
         run_config=run_config_for(definition, {"crop_size": 128}, None),
+        tags={EXECUTION_TARGET: where},
         raise_on_error=False,
     )
     assert result.success
-    from ergot_dagster.artifacts.store import open_store
-
-    store = open_store(plane_settings.storage)
+    store = open_store(settings.storage)
     manifests = {m.name: m for m in store.list_run(result.run_id)}
     assert set(manifests) == {"faces", "crops", "embeddings"}
     crops, embeddings = manifests["crops"], manifests["embeddings"]
@@ -705,16 +720,19 @@ def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
     assert np.load(store.local_path(embeddings.uri)).shape == (1, DIMS)
     doc = json.loads(store.local_path(manifests["faces"].uri).read_text())
     assert doc["count"] == 1 and doc["params"]["crop_size"] == 128
+    assert doc["engine"]["kind"] == where
     with Image.open(store.local_path(crops.members[0].uri)) as crop:
         assert crop.size == (128, 128)
     record = latest_source_record(instance, "people/astronaut.png")
     assert record is not None
     for manifest in manifests.values():
         assert manifest.runtime.type == "face_embedding"
-        assert manifest.runtime.target == "face-local"
+        assert manifest.runtime.target == f"face-{where}"
         assert [(p.kind, p.ref, p.sha256) for p in manifest.parents] == [
             ("source", "people/astronaut.png", record.sha256)
         ]
+    if where == "remote":
+        assert server.state()["request_ids"][-1] == f"{manifests['faces'].runtime.job_id}-1"
 
 
 # -- the loopback service as a separate process ----------------------------------------------------
