@@ -149,6 +149,7 @@ class FaceEmbeddingRuntime(JobRuntime):
         params = parse_params(request.params)
         media = _the_input(request)
         # Checked before any work, so a misconfigured target fails without sampling a video.
+        headers: dict[str, str] = {}
         if target.endpoint:
             options: Any = remote_options(target)
             headers = auth_headers(target)
