@@ -165,18 +165,35 @@ def ingest(root: str | None, as_json: bool, paths: tuple[str, ...]) -> None:
     from ergot_dagster.sources.record import latest_source_record, record_sources
 
     settings = ErgotSettings.from_env()
-    root_path = Path(root or settings.ingest_root).expanduser()
-    if not root_path.is_dir():
-        _fail(f"the ingest root {root_path} does not exist")
-    refs, errors = _expand(root_path, paths)
+    location = root or settings.ingest_root
+    source_root: Any
+    if location.startswith("s3://"):
+        # In object storage, names are refs (or folders) relative to the prefix.
+        from ergot_dagster.sources.root import open_source_root
+
+        try:
+            source_root = open_source_root(location)
+        except ErgotError as exc:
+            _fail(f"the ingest root {location}: {exc}")
+        problem = source_root.problem()
+        if problem:
+            _fail(problem)
+        refs, errors = source_root.expand(paths)
+        root_label = source_root.location
+    else:
+        root_path = source_root = Path(location).expanduser()
+        if not root_path.is_dir():
+            _fail(f"the ingest root {root_path} does not exist")
+        refs, errors = _expand(root_path, paths)
+        root_label = str(root_path.resolve())
     instance = _instance(settings)
-    outcomes = ingest_refs(root_path, refs, lambda key: latest_source_record(instance, key))
+    outcomes = ingest_refs(source_root, refs, lambda key: latest_source_record(instance, key))
     record_sources(instance, [o.record for o in outcomes if o.recorded and o.record])
     refused = [(o.ref, o.error or "") for o in outcomes if o.status == "refused"] + errors
     if as_json:
         _emit_json(
             {
-                "root": str(root_path.resolve()),
+                "root": root_label,
                 "ingested": [
                     {
                         "ref": o.ref,
@@ -594,8 +611,21 @@ def events(run_id: str, everything: bool, cursor: str | None, as_json: bool) -> 
 
 @main.command()
 @click.argument("run_id")
+@click.option(
+    "--presign",
+    is_flag=True,
+    help="also give a presigned URL for each file (object storage only), for consumers that "
+    "cannot reach the bucket",
+)
+@click.option(
+    "--expires",
+    type=click.IntRange(1, 7 * 24 * 3600),
+    default=3600,
+    show_default=True,
+    help="seconds a presigned URL stays valid",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def artifacts(run_id: str, as_json: bool) -> None:
+def artifacts(run_id: str, presign: bool, expires: int, as_json: bool) -> None:
     """List the artifact manifests a run produced."""
     from ergot_dagster.artifacts.store import open_store
 
@@ -603,9 +633,27 @@ def artifacts(run_id: str, as_json: bool) -> None:
     instance = _instance(settings)
     if instance.get_run_by_id(run_id) is None:
         _fail(f"unknown run {run_id!r}")
-    manifests = open_store(settings.storage).list_run(run_id)
+    store = open_store(settings.storage)
+    manifests = store.list_run(run_id)
+    # Presigning is local arithmetic with this machine's credentials: nothing is sent anywhere.
+    urls = {
+        uri: store.presigned_url(uri, expires)
+        for manifest in (manifests if presign else [])
+        for uri in (manifest.uri, *(member.uri for member in manifest.members))
+    }
     if as_json:
-        _emit_json(manifests)
+        if not presign:
+            _emit_json(manifests)
+            return
+        rows = []
+        for manifest in manifests:
+            row = json.loads(manifest.model_dump_json())
+            row["presigned_url"] = urls[manifest.uri]
+            for member in row["members"]:
+                member["presigned_url"] = urls[member["uri"]]
+            row["presigned_expires_s"] = expires
+            rows.append(row)
+        _emit_json(rows)
         return
     if not manifests:
         click.echo(f"run {run_id} produced no artifacts")
@@ -614,8 +662,12 @@ def artifacts(run_id: str, as_json: bool) -> None:
             f"{manifest.ref}  {manifest.media_type}  {manifest.size} bytes  sha256 "
             f"{manifest.sha256}  {manifest.uri}"
         )
+        if presign:
+            click.echo(f"    presigned for {expires} s: {urls[manifest.uri]}")
         for member in manifest.members:
             click.echo(f"    {member.name}  {member.size} bytes  sha256 {member.sha256}")
+            if presign:
+                click.echo(f"        presigned for {expires} s: {urls[member.uri]}")
 
 
 @main.command()

@@ -9,6 +9,9 @@ Layout under the store root:
 Bytes are written to `tmp/`, flushed, and linked into place; a link never replaces an existing file,
 so nothing is ever overwritten and nothing half-written is ever visible under `blobs/` or
 `manifests/`. A manifest is written only after its bytes are in place.
+
+`open_store` also opens the same layout in S3-compatible object storage (`s3://bucket/prefix`,
+`ergot_dagster.artifacts.s3_store`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +35,7 @@ from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.errors import StoreError
 from ergot_dagster.media.hashing import CHUNK
 from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
+from ergot_dagster.settings import ErgotSettings
 
 _EXTENSIONS = {
     "image/jpeg": ".jpg",
@@ -61,8 +67,31 @@ def extension_for(media_type: str) -> str:
     return _EXTENSIONS.get(media_type, "")
 
 
+def blob_relative_path(sha256: str, media_type: str) -> str:
+    """Where a blob lives under a store's root or prefix: `blobs/sha256/<xx>/<sha256><ext>`."""
+    return f"blobs/sha256/{sha256[:2]}/{sha256}{extension_for(media_type)}"
+
+
+def safe_label(label: str) -> str:
+    """`label` reduced to characters that are safe in a directory name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:80]
+
+
+def default_local_root() -> Path:
+    """Where a store without a local root of its own keeps scratch and fetched files."""
+    return ErgotSettings.from_env().home / "tmp"
+
+
 class ArtifactStore(ABC):
-    """What every artifact store offers, whether a local directory or object storage."""
+    """What every artifact store offers, whether a local directory or object storage.
+
+    Files fetched to this machine while a step works (`fetch_dir`: blobs from object storage,
+    source files from an S3 ingest root) live in a private directory of the store object that
+    `close` removes; the Dagster resource closes its store when the step ends.
+    """
+
+    _fetched: Path | None = None
+    _finalizer: weakref.finalize | None = None
 
     @abstractmethod
     def put_blob(self, path: Path, media_type: str) -> StoredBlob:
@@ -93,6 +122,34 @@ class ArtifactStore(ABC):
     def scratch_dir(self, label: str) -> Iterator[Path]:
         """A private directory for a runtime's outputs, removed afterwards whatever happens."""
 
+    @abstractmethod
+    def _local_scratch_root(self) -> Path:
+        """The local directory that scratch and fetched files go under."""
+
+    def presigned_url(self, uri: str, expires_s: int = 3600) -> str:
+        """A URL anyone holding it can GET the bytes at `uri` from, for `expires_s` seconds."""
+        raise StoreError(
+            f"{uri!r}: only object storage (s3://) gives presigned URLs; this store's files are "
+            "read where they lie"
+        )
+
+    def fetch_dir(self) -> Path:
+        """A private local directory for fetched files, created on first use, removed by `close`."""
+        if self._fetched is None or not self._fetched.is_dir():
+            root = self._local_scratch_root()
+            root.mkdir(parents=True, exist_ok=True)
+            self._fetched = Path(tempfile.mkdtemp(prefix="fetched-", dir=root))
+            # Also removed if the store is dropped without `close` (or at interpreter exit).
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._fetched, True)
+        return self._fetched
+
+    def close(self) -> None:
+        """Remove what `fetch_dir` holds. The store stays usable; it fetches again if asked."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._fetched = None
+        self._finalizer = None
+
 
 class LocalArtifactStore(ArtifactStore):
     """An artifact store in a local (or mounted) directory."""
@@ -104,8 +161,11 @@ class LocalArtifactStore(ArtifactStore):
 
     # -- blobs -----------------------------------------------------------------------------
 
+    def _local_scratch_root(self) -> Path:
+        return self.root / "tmp"
+
     def blob_path(self, sha256: str, media_type: str) -> Path:
-        return self.root / "blobs" / "sha256" / sha256[:2] / f"{sha256}{extension_for(media_type)}"
+        return self.root / blob_relative_path(sha256, media_type)
 
     def _uri(self, path: Path) -> str:
         return "file://" + quote(str(path))
@@ -203,8 +263,7 @@ class LocalArtifactStore(ArtifactStore):
 
     @contextlib.contextmanager
     def scratch_dir(self, label: str) -> Iterator[Path]:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:80]
-        path = self.root / "tmp" / f"work-{safe}-{uuid.uuid4().hex[:8]}"
+        path = self.root / "tmp" / f"work-{safe_label(label)}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         try:
             yield path
@@ -233,9 +292,12 @@ def _link_no_replace(staged: Path, final: Path, *, exist_ok: bool = True) -> Non
 
 
 def open_store(location: str) -> ArtifactStore:
-    """The store at `location`: a local directory (object storage comes with remote execution)."""
+    """The store at `location`: `s3://bucket/prefix`, a local directory or a `file://` URL."""
     if location.startswith("s3://"):
-        raise StoreError("object storage (s3://) is not supported yet; use a local directory")
+        # Imported here: boto3 costs time to import and only object storage needs it.
+        from ergot_dagster.artifacts.s3_store import S3ArtifactStore
+
+        return S3ArtifactStore(location)
     if location.startswith("file://"):
         location = unquote(urlparse(location).path)
     return LocalArtifactStore(Path(location))

@@ -7,6 +7,7 @@ operator refreshes one source by hand.
 
 from dagster import AssetExecutionContext, Failure, MaterializeResult, asset
 
+from ergot_dagster.errors import StoreError
 from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
 from ergot_dagster.resources.source_root import SourceRootResource
 from ergot_dagster.sources.ingest import ingest_ref
@@ -29,7 +30,11 @@ def ergot_source(context: AssetExecutionContext, sources: SourceRootResource) ->
         raise Failure(description=str(exc), allow_retries=False) from exc
     previous = latest_source_record(context.instance, context.partition_key)
     # Re-read even if unchanged: an explicit materialization is a request to look again.
-    outcome = ingest_ref(sources.path, ref, None)
+    try:
+        root = sources.open()
+    except StoreError as exc:
+        raise Failure(description=f"ERGOT_INGEST_ROOT: {exc}", allow_retries=False) from exc
+    outcome = ingest_ref(root, ref, None)
     if outcome.record is None:
         raise Failure(description=f"cannot ingest {ref!r}: {outcome.error}", allow_retries=False)
     if previous and previous.sha256 != outcome.record.sha256:

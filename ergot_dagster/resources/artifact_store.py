@@ -9,9 +9,16 @@ from ergot_dagster.artifacts.store import ArtifactStore, open_store
 
 
 class ArtifactStoreResource(ConfigurableResource):
-    """Where derived artifacts and their manifests are kept (`ERGOT_STORAGE`)."""
+    """Where derived artifacts and their manifests are kept (`ERGOT_STORAGE`).
 
-    location: str = Field(description="a local directory (object storage comes later)")
+    Each `get_store()` is a new store object. Files it fetches to this machine (blobs from object
+    storage, source files from an S3 ingest root) are removed when it is closed or dropped, which
+    for a step is when the step's code returns.
+    """
+
+    location: str = Field(
+        description="a local directory, a file:// URL, or s3://bucket/prefix (object storage)"
+    )
 
     def get_store(self) -> ArtifactStore:
         return open_store(self.location)

@@ -7,12 +7,19 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from ergot_dagster.sources.root import SourceRoot, open_source_root
+
 
 class SourceRootResource(ConfigurableResource):
-    """The directory source refs are relative to (`ERGOT_INGEST_ROOT`)."""
+    """What source refs are relative to (`ERGOT_INGEST_ROOT`): a directory or `s3://bucket/prefix`."""
 
-    root: str = Field(description="the ingest root directory")
+    root: str = Field(description="the ingest root: a local directory or s3://bucket/prefix")
 
     @property
     def path(self) -> Path:
+        """The root as a local path (meaningful only for a local root)."""
         return Path(self.root).expanduser()
+
+    def open(self) -> SourceRoot:
+        """The root, local or in object storage."""
+        return open_source_root(self.root)

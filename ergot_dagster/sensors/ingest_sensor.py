@@ -5,6 +5,11 @@ hidden files, and ingests the rest: new files become partitions of `ergot/source
 materialization; changed files get a new materialization; unchanged files record nothing. Work per
 tick is bounded so that a large first ingest spreads over several ticks instead of timing out.
 Files that cannot be ingested are reported once per version, not on every tick.
+
+The root may be an S3 prefix (`ERGOT_INGEST_ROOT=s3://bucket/prefix`): a tick then lists the
+objects (page by page), settles them by LastModified and hashes each by streaming it. A refusal
+that says nothing about the file (storage unreachable, an object replaced while read) is not
+remembered, so the next tick tries again.
 """
 
 import json
@@ -20,9 +25,10 @@ from dagster import (
 )
 from pydantic import BaseModel, Field
 
+from ergot_dagster.errors import StoreError
 from ergot_dagster.refs import InvalidRefError, ref_to_partition_key
 from ergot_dagster.resources.source_root import SourceRootResource
-from ergot_dagster.sources.ingest import ingest_ref, scan_root, settled
+from ergot_dagster.sources.ingest import ingest_ref
 from ergot_dagster.sources.record import latest_source_record, source_partitions
 
 INTERVAL_S = int(os.environ.get("ERGOT_INGEST_INTERVAL_S", "30"))
@@ -77,9 +83,13 @@ class IngestCursor(BaseModel):
 def ingest_sensor(
     context: SensorEvaluationContext, sources: SourceRootResource
 ) -> SensorResult | SkipReason:
-    root = sources.path
-    if not root.is_dir():
-        return SkipReason(f"the ingest root {root} does not exist")
+    try:
+        root = sources.open()
+    except StoreError as exc:
+        return SkipReason(f"ERGOT_INGEST_ROOT: {exc}")
+    problem = root.problem()
+    if problem:
+        return SkipReason(problem)
     cursor = IngestCursor.parse(context.cursor)
     deadline = time.monotonic() + _tick_budget_s()
     settle_s = _settle_s()
@@ -87,42 +97,48 @@ def ingest_sensor(
     records = []
     refused = 0
     finished = True
-    for ref in scan_root(root):
-        if time.monotonic() > deadline:
-            finished = False
-            break
-        if not settled(root, ref, settle_s, now):
-            continue
-        try:
-            stat = (root / ref).stat()
-            key = ref_to_partition_key(ref)
-        except (OSError, InvalidRefError) as exc:
-            if ref not in cursor.refused:
-                context.log.warning(f"not ingesting {ref!r}: {exc}")
-                cursor.refused[ref] = [0, 0]
-            continue
-        signature = [stat.st_size, stat.st_mtime_ns]
-        if cursor.touched.get(ref) == signature or cursor.refused.get(ref) == signature:
-            continue
-        outcome = ingest_ref(root, ref, latest_source_record(context.instance, key))
-        cursor.refused.pop(ref, None)
-        cursor.touched.pop(ref, None)
-        if outcome.status == "refused":
-            refused += 1
-            cursor.refused[ref] = signature
-            context.log.warning(f"not ingesting {ref!r}: {outcome.error}")
-        elif outcome.recorded and outcome.record is not None:
-            records.append(outcome.record)
-            context.log.info(f"{outcome.status}: {ref} sha256 {outcome.record.sha256}")
-        elif outcome.record is not None and outcome.record.mtime_ns != stat.st_mtime_ns:
-            cursor.touched[ref] = signature
+    try:
+        for entry in root.scan():
+            if time.monotonic() > deadline:
+                finished = False
+                break
+            ref = entry.ref
+            if not entry.settled(settle_s, now):
+                continue
+            try:
+                key = ref_to_partition_key(ref)
+            except InvalidRefError as exc:
+                if ref not in cursor.refused:
+                    context.log.warning(f"not ingesting {ref!r}: {exc}")
+                    cursor.refused[ref] = [0, 0]
+                continue
+            signature = entry.signature
+            if cursor.touched.get(ref) == signature or cursor.refused.get(ref) == signature:
+                continue
+            outcome = ingest_ref(root, ref, latest_source_record(context.instance, key))
+            cursor.refused.pop(ref, None)
+            cursor.touched.pop(ref, None)
+            if outcome.status == "refused":
+                refused += 1
+                if not outcome.retry:
+                    cursor.refused[ref] = signature
+                context.log.warning(f"not ingesting {ref!r}: {outcome.error}")
+            elif outcome.recorded and outcome.record is not None:
+                records.append(outcome.record)
+                context.log.info(f"{outcome.status}: {ref} sha256 {outcome.record.sha256}")
+            elif outcome.record is not None and outcome.record.mtime_ns != entry.mtime_ns:
+                cursor.touched[ref] = signature
+    except StoreError as exc:
+        # The listing broke off (object storage went away): keep what this tick recorded.
+        finished = False
+        context.log.warning(f"scanning {root.location} stopped: {exc}")
     if not finished:
         context.log.info(f"ingested {len(records)} file(s); the rest continues next tick")
     if not records:
         return SensorResult(
             cursor=cursor.dump(),
             skip_reason=SkipReason(
-                f"nothing new under {root}" + (f" ({refused} refused)" if refused else "")
+                f"nothing new under {root.location}" + (f" ({refused} refused)" if refused else "")
             ),
         )
     return SensorResult(

@@ -3,23 +3,28 @@
 Shared by the ingest sensor and `ergot ingest`. A file is hashed and probed only when its size or
 modification time differ from its last record; a file whose bytes did not change records nothing
 new. A file that is not readable media, or whose ref is unsafe, is refused with the reason.
+
+The root is a local directory or an S3 prefix (`sources.root`); for an object, its ETag joins size
+and LastModified in the cheap "unchanged" test.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
-from ergot_dagster.errors import ErgotError
+from ergot_dagster.errors import ErgotError, RuntimeFailure
 from ergot_dagster.media.hashing import sha256_file
 from ergot_dagster.media.probe import media_type_for, probe
 from ergot_dagster.refs import InvalidRefError, ref_to_partition_key, resolve_under_root
 from ergot_dagster.sources.record import SourceRecord
+from ergot_dagster.sources.root import LocalSourceRoot, S3SourceRoot, SourceRoot, scan_root
+
+__all__ = ["IngestOutcome", "ingest_ref", "ingest_refs", "scan_root", "settled"]
 
 Status = Literal["new", "changed", "unchanged", "refused"]
 
@@ -31,35 +36,27 @@ class IngestOutcome(BaseModel):
     status: Status
     record: SourceRecord | None = None
     error: str | None = None
+    retry: bool = False  # refused for now only (storage unreachable, object being replaced)
 
     @property
     def recorded(self) -> bool:
         return self.status in ("new", "changed")
 
 
-def scan_root(root: Path) -> Iterator[str]:
-    """Every candidate ref under `root`, in sorted order, skipping hidden files and folders."""
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(real_root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if filename.startswith("."):
-                continue
-            path = Path(dirpath) / filename
-            try:
-                yield path.relative_to(real_root).as_posix()
-            except ValueError:  # pragma: no cover - os.walk stays under its root
-                continue
-
-
 def ingest_ref(
-    root: Path,
+    root: Path | SourceRoot,
     ref: str,
     previous: SourceRecord | None,
     *,
     uri_for: Callable[[Path], str] | None = None,
 ) -> IngestOutcome:
     """Hash and probe one file if it changed since `previous`; never raises for a bad file."""
+    if isinstance(root, S3SourceRoot):
+        return _ingest_object(root, ref, previous)
+    if isinstance(root, LocalSourceRoot):
+        root = root.path
+    elif not isinstance(root, Path):
+        raise TypeError(f"cannot ingest from {root!r}")
     try:
         path = resolve_under_root(root, ref)
         if not path.is_file():
@@ -87,6 +84,39 @@ def ingest_ref(
     return IngestOutcome(ref=ref, status="changed" if previous else "new", record=record)
 
 
+def _ingest_object(root: S3SourceRoot, ref: str, previous: SourceRecord | None) -> IngestOutcome:
+    """`ingest_ref` for an object under an S3 prefix."""
+    try:
+        entry = root.stat(ref)
+        if (
+            previous
+            and previous.size == entry.size
+            and previous.mtime_ns == entry.mtime_ns
+            and previous.etag == entry.etag
+        ):
+            return IngestOutcome(ref=ref, status="unchanged", record=previous)
+        sha256, size = root.sha256(entry)
+        if previous and previous.sha256 == sha256:
+            return IngestOutcome(ref=ref, status="unchanged", record=previous)
+        summary = root.probe(entry)
+        record = SourceRecord(
+            ref=ref,
+            partition_key=ref_to_partition_key(ref),
+            root=root.location,
+            uri=root.uri(ref),
+            sha256=sha256,
+            size=size,
+            mtime_ns=entry.mtime_ns,
+            media_type=media_type_for(Path(ref), summary),
+            probe=summary,
+            etag=entry.etag,
+        )
+    except (ErgotError, InvalidRefError, OSError) as exc:
+        retry = isinstance(exc, RuntimeFailure) and exc.transient
+        return IngestOutcome(ref=ref, status="refused", error=str(exc), retry=retry)
+    return IngestOutcome(ref=ref, status="changed" if previous else "new", record=record)
+
+
 def settled(root: Path, ref: str, settle_s: float, now: float | None = None) -> bool:
     """Whether the file has been still for `settle_s` seconds (so it is not being copied in)."""
     try:
@@ -97,7 +127,7 @@ def settled(root: Path, ref: str, settle_s: float, now: float | None = None) -> 
 
 
 def ingest_refs(
-    root: Path,
+    root: Path | SourceRoot,
     refs: Iterable[str],
     lookup: Callable[[str], SourceRecord | None],
 ) -> list[IngestOutcome]:

@@ -27,7 +27,11 @@ source_partitions = DynamicPartitionsDefinition(name=SOURCE_PARTITIONS_NAME)
 
 
 class SourceRecord(BaseModel):
-    """One version of one ingested source file."""
+    """One version of one ingested source file.
+
+    Under an S3 ingest root, `root` is `s3://bucket/prefix`, `uri` the object's `s3://` uri,
+    `mtime_ns` its LastModified (whole seconds) and `etag` its ETag; on disk `etag` is None.
+    """
 
     ref: str
     partition_key: str
@@ -38,6 +42,7 @@ class SourceRecord(BaseModel):
     mtime_ns: int
     media_type: str
     probe: ProbeSummary
+    etag: str | None = None
 
     def metadata(self) -> dict[str, Any]:
         """Materialization metadata: readable fields for the UI, plus the whole record."""

@@ -3,6 +3,10 @@
 Every input is checked before work starts: the source must have been ingested and be unchanged
 since, the media must be of a type the workflow accepts, and artifact inputs must exist in the
 store. Each input brings the parent refs that lineage records.
+
+A source ingested from object storage (its record's root is `s3://...`) is downloaded into the
+store's fetch directory, removed when the step ends, and its sha256 is checked against the record
+as it streams in: a source changed since ingest fails the run as it does on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef
 from ergot_dagster.artifacts.metadata import manifest_from_metadata
+from ergot_dagster.artifacts.s3_store import is_s3_location
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import RequestError, SourceError, StoreError
 from ergot_dagster.media.hashing import sha256_file
@@ -25,6 +30,7 @@ from ergot_dagster.refs import (
 )
 from ergot_dagster.resources.runtime import StageFile
 from ergot_dagster.sources.record import latest_source_record
+from ergot_dagster.sources.root import S3SourceRoot
 from ergot_dagster.workflows.execute import WorkflowInput
 from ergot_dagster.workflows.model import WorkflowDefinition
 
@@ -53,8 +59,12 @@ def source_input(
     definition: WorkflowDefinition,
     name: str,
     ref: str,
+    store: ArtifactStore | None = None,
 ) -> WorkflowInput:
-    """Bind input `name` to the ingested source `ref`."""
+    """Bind input `name` to the ingested source `ref`.
+
+    A source in object storage needs `store`, whose fetch directory receives the download.
+    """
     try:
         key = ref_to_partition_key(ref)
     except InvalidRefError as exc:
@@ -66,6 +76,18 @@ def source_input(
             "ingest sensor"
         )
     check_media_type(definition, name, ref, record.media_type)
+    if is_s3_location(record.root):
+        if store is None:
+            raise SourceError(f"source {ref!r} is in object storage; binding it needs a store")
+        try:
+            path = S3SourceRoot(record.root).fetch(record, store.fetch_dir())
+        except InvalidRefError as exc:
+            raise SourceError(f"source {ref!r}: {exc}") from exc
+        return WorkflowInput(
+            name=name,
+            files=StageFile(path=path, media_type=record.media_type, probe=record.probe),
+            parents=[ParentRef(kind="source", ref=ref, sha256=record.sha256, input=name)],
+        )
     # The file is read from the root it was ingested under, and must still lie inside it.
     try:
         path = resolve_under_root(Path(record.root), ref)
@@ -140,7 +162,7 @@ def bind_inputs(
                     f"input {name!r} is the primary source; it is the partition ({source_ref!r})"
                 )
             bound[name] = source_input(
-                instance=instance, definition=definition, name=name, ref=source_ref
+                instance=instance, definition=definition, name=name, ref=source_ref, store=store
             )
             continue
         ref = given.get(name)
@@ -155,7 +177,7 @@ def bind_inputs(
                 )
             else:
                 bound[name] = source_input(
-                    instance=instance, definition=definition, name=name, ref=ref
+                    instance=instance, definition=definition, name=name, ref=ref, store=store
                 )
         elif spec.asset:
             manifest = _latest_asset_manifest(instance, spec.asset, partition_key)
