@@ -347,6 +347,32 @@ def test_an_unknown_node_class_is_refused_permanently(
     assert "Node ID '#8'" in str(caught.value)
 
 
+def test_a_prompt_accepted_with_node_errors_is_withdrawn_and_refused(
+    server: ComfyUILoopbackServer, adapter: ComfyUIRuntime, tmp_path: Path
+) -> None:
+    # ComfyUI accepts a prompt when some of its outputs pass validation, and silently skips the
+    # others (200 with node_errors): the adapter does not take half a graph for a result.
+    stage = definition("image_from_prompt").plan[0].model_copy(deep=True)
+    assert stage.template is not None
+    stage.template["10"] = {
+        "class_type": "SaveImage",
+        "inputs": {"filename_prefix": "broken", "images": ["3", 0]},
+        "_meta": {"title": "save latent"},
+    }
+    server.configure({"paused": True})
+    with pytest.raises(PermanentRuntimeError) as caught:
+        adapter.run_stage(stage_request(tmp_path / "w", server.url, stage=stage), LOG)
+    prompt_id = only_prompt(server)
+    assert caught.value.job_id == prompt_id
+    assert (
+        "comfyui-test refused part of the prompt: node 10 (SaveImage) input 'images': Return "
+        "type mismatch between linked nodes: received_type(LATENT) mismatch input_type(IMAGE)"
+    ) in str(caught.value)
+    assert f"deleted queued prompt {prompt_id}" in str(caught.value)
+    assert server.state()["queue_deletes"] == [prompt_id]
+    assert server.state()["pending"] == []
+
+
 def test_an_upload_the_loader_cannot_find_is_named(
     server: ComfyUILoopbackServer, adapter: ComfyUIRuntime, tmp_path: Path
 ) -> None:
