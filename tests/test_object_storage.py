@@ -9,6 +9,7 @@ multipart uploads and the headers of the requests it received (moto's request re
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import subprocess
@@ -351,6 +352,91 @@ def test_an_object_that_appears_during_an_upload_is_never_replaced(
     assert "exists with a different size" in str(outcome["error"])
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"someone else's bytes"
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload was aborted"
+
+
+class NoConditionalWrites(http.server.ThreadingHTTPServer):
+    """An S3 front for servers without conditional writes: it answers `501 Not Implemented` to any
+    request carrying `If-None-Match` (as such servers do) and passes everything else to moto."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.refused = 0
+        super().__init__(("127.0.0.1", 0), _NoConditionalHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _NoConditionalHandler(http.server.BaseHTTPRequestHandler):
+    # HTTP/1.1 answers botocore's `Expect: 100-continue` at once instead of letting it wait.
+    protocol_version = "HTTP/1.1"
+    server: NoConditionalWrites
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("If-None-Match") is not None:
+            self.server.refused += 1
+            error = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                b"<Message>A header you provided implies functionality that is not implemented"
+                b"</Message></Error>"
+            )
+            self.send_response(501)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect")}
+        response = httpx.request(
+            self.command,
+            self.server.upstream + self.path,
+            headers=headers,
+            content=body,
+            timeout=30,
+        )
+        self.send_response(response.status_code)
+        for name, value in response.headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        # A HEAD answer has no body but the object's length.
+        length = response.headers.get("Content-Length", "0")
+        self.send_header(
+            "Content-Length", length if self.command == "HEAD" else str(len(response.content))
+        )
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.content)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+def test_a_server_without_conditional_writes_gets_plain_writes_behind_a_head_check(
+    bucket: str, s3: Any, s3_env: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    front = NoConditionalWrites(s3_env.url)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", front.url)
+        store = S3ArtifactStore(f"s3://{bucket}/arts")
+        src = tmp_path / "p.jpg"
+        src.write_bytes(b"\xff\xd8\xff plain")
+        manifest = _manifest(store, src)
+        assert front.refused == 1 and not store.conditional_writes
+        store.put_manifest(manifest)
+        assert store.get_manifest(manifest.ref) == manifest
+        assert _object_sha256(s3, bucket, _key(manifest.uri)) == _sha(src)
+        # Still create-only: what exists is found first and never replaced.
+        other = S3ArtifactStore(f"s3://{bucket}/arts")
+        with pytest.raises(StoreError, match="already exists with different content"):
+            other.put_manifest(manifest.model_copy(update={"size": 1}))
+        assert other.put_blob(src, "image/jpeg").uri == manifest.uri
+        assert front.refused == 1, "the second store found both objects before writing"
+    finally:
+        front.shutdown()
+        front.server_close()
 
 
 def test_a_foreign_object_under_a_blob_key_is_kept_and_caught(
