@@ -19,8 +19,9 @@ Same layout and guarantees as the local store, under the prefix:
 - **Confined to the prefix.** Every uri handed back in is checked to lie under
   `s3://bucket/prefix/` with no empty, `.` or `..` segment before any request is made.
 - **Local files only while needed.** `local_path` downloads a blob into a private directory of
-  this store object (`fetch_dir`, removed by `close`, which the Dagster resource calls when the
-  step ends), checking its sha256 against its key; `scratch_dir` is local too.
+  this store object (`fetch_dir`, removed by `close` or as soon as the object is dropped, which
+  for a step is when its code returns), checking its sha256 against its key; `scratch_dir` is
+  local too.
 
 Endpoint, region and credentials come from boto3's usual chain: `AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_PROFILE`

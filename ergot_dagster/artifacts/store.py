@@ -86,8 +86,9 @@ class ArtifactStore(ABC):
     """What every artifact store offers, whether a local directory or object storage.
 
     Files fetched to this machine while a step works (`fetch_dir`: blobs from object storage,
-    source files from an S3 ingest root) live in a private directory of the store object that
-    `close` removes; the Dagster resource closes its store when the step ends.
+    source files from an S3 ingest root) live in a private directory of the store object, removed
+    by `close` or when the object is dropped. Each step gets its own store from the resource and
+    drops it when its code returns (stores hold no reference cycles, so that happens at once).
     """
 
     _fetched: Path | None = None
