@@ -35,6 +35,7 @@ from ergot_dagster.artifacts.s3_store import S3ArtifactStore
 from ergot_dagster.artifacts.store import open_store
 from ergot_dagster.assets import build_assets
 from ergot_dagster.cli import main
+from ergot_dagster.client import ArtifactUnreachableError, ErgotClient
 from ergot_dagster.definitions import build_definitions
 from ergot_dagster.errors import StoreError
 from ergot_dagster.media.synth import make_audio, make_clip, make_image
@@ -675,3 +676,38 @@ def test_poster_extraction_with_store_and_ingest_root_in_a_bucket(
     description = failure.user_failure_data.description if failure.user_failure_data else ""
     assert "source 'cam/take 01.mov' has changed since it was ingested" in description
     assert not [p for p in (plane_settings.home / "tmp").rglob("*") if p.is_file()]
+
+
+class _StoreCatalog:
+    """What a consumer's client needs from a catalog, answered by the store itself (no GraphQL
+    server here): only manifests are looked up when reading an artifact."""
+
+    def __init__(self, store: S3ArtifactStore) -> None:
+        self.store = store
+
+    def artifact(self, ref: str) -> ArtifactManifest | None:
+        return self.store.get_manifest(ref)
+
+
+def test_the_client_reads_s3_artifacts_with_its_own_credentials_or_says_how_not(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(f"s3://{bucket}/plane/artifacts")
+    assert isinstance(store, S3ArtifactStore)
+    poster = tmp_path / "poster.jpg"
+    poster.write_bytes(b"\xff\xd8\xff" + os.urandom(4096))
+    manifest = _manifest(store, poster)
+    store.put_manifest(manifest)
+    client = ErgotClient(
+        f"http://127.0.0.1:{free_port()}",
+        catalog=_StoreCatalog(store),  # type: ignore[arg-type]
+    )
+    copy = client.download(manifest.ref, tmp_path / "out" / "poster.jpg")
+    assert _sha(copy) == manifest.sha256
+    # Without credentials for the bucket: a clear way forward, and no partial file.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ArtifactUnreachableError, match="--presign"):
+        client.download(manifest.ref, tmp_path / "again" / "poster.jpg")
+    assert not list((tmp_path / "again").iterdir())

@@ -440,7 +440,28 @@ class ErgotClient:
                 spool.seek(0)
                 yield spool
             return
+        if parsed.scheme == "s3":
+            with tempfile.TemporaryFile() as spool:
+                self._fetch_s3(parsed.netloc, parsed.path.lstrip("/"), spool, ref)
+                spool.seek(0)
+                yield spool
+            return
         raise ArtifactUnreachableError(f"{ref}: cannot read {parsed.scheme}:// artifacts from here")
+
+    @staticmethod
+    def _fetch_s3(bucket: str, key: str, out: IO[bytes], ref: str) -> None:
+        """Read an object with this process's own AWS credentials (env vars or config)."""
+        from ergot_dagster.artifacts.s3_store import s3_client, stream_object
+
+        try:
+            stream_object(s3_client(), bucket, unquote(key), out)
+        except Exception as exc:
+            # The type only: botocore messages can quote signed URLs.
+            raise ArtifactUnreachableError(
+                f"{ref} is in object storage and this process cannot read it "
+                f"({type(exc).__name__}); give it AWS credentials for the bucket, or have a "
+                "machine of the plane presign it (`ergot artifacts RUN_ID --presign`)"
+            ) from None
 
     def _locate(self, manifest: ArtifactManifest, member: str | None) -> tuple[str, str]:
         if member is None:
