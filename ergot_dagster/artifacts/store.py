@@ -42,6 +42,7 @@ _EXTENSIONS = {
     "image/png": ".png",
     "image/webp": ".webp",
     "application/json": ".json",
+    "application/x-npy": ".npy",
     "video/mp4": ".mp4",
     "video/quicktime": ".mov",
     "video/x-matroska": ".mkv",

@@ -32,6 +32,8 @@ _MAGIC = {
     "video/quicktime": _is_mp4_family,
     "video/x-matroska": lambda h: h.startswith(b"\x1a\x45\xdf\xa3"),
     "video/webm": lambda h: h.startswith(b"\x1a\x45\xdf\xa3"),
+    # NumPy's .npy format (numpy.save): a magic string, then a version.
+    "application/x-npy": lambda h: h.startswith(b"\x93NUMPY"),
 }
 
 
