@@ -295,6 +295,60 @@ def test_progress_is_reported_per_node_and_step(
     assert len(set(fractions)) >= 8
 
 
+def test_a_prompt_queued_behind_another_waits_and_ignores_its_messages(
+    server: ComfyUILoopbackServer, adapter: ComfyUIRuntime, tmp_path: Path
+) -> None:
+    server.configure({"step_seconds": 0.05})
+    # Posted without a client id, the other prompt's progress goes to every socket, ours too.
+    other = stage_request(tmp_path / "o", server.url).stage.template
+    assert other is not None
+    graph = copy.deepcopy(other)
+    graph["3"]["inputs"]["steps"] = 30
+    other_id = httpx.post(f"{server.url}/prompt", json={"prompt": graph}, timeout=5).json()[
+        "prompt_id"
+    ]
+    until("the other prompt to run", lambda: server.state()["running"] == [other_id], 5)
+    calls: list[tuple[float | None, str]] = []
+    request = stage_request(
+        tmp_path / "w",
+        server.url,
+        settings={"steps": 2, "width": 64, "height": 64},
+        progress=lambda f, m: calls.append((f, m)),
+    )
+    result = adapter.run_stage(request, LOG)
+
+    assert isinstance(result.outputs["save"], Path)
+    assert prompt_status(server, other_id) == "success"
+    messages = [m for _, m in calls]
+    assert f"prompt {result.job_id} queued on comfyui-test (1 ahead of it)" in messages
+    assert not any(other_id in m for m in messages)
+    fractions = [f for f, _ in calls if f is not None]
+    assert fractions == sorted(fractions)
+    assert result.metadata["queued_s"] > 0.3
+
+
+def test_an_older_server_without_execution_success_is_followed_to_the_end(
+    server: ComfyUILoopbackServer, tmp_path: Path
+) -> None:
+    # Before `execution_success`, a prompt ended with `executing` for node null, and progress
+    # came without a prompt id: the adapter must not wait for a quiet check to find out.
+    server.configure({"legacy": True})
+    adapter = ComfyUIRuntime(quiet_check_s=30.0, request_timeout_s=5.0)
+    calls: list[tuple[float | None, str]] = []
+    request = stage_request(
+        tmp_path / "w",
+        server.url,
+        settings={"steps": 5, "width": 64, "height": 64},
+        progress=lambda f, m: calls.append((f, m)),
+    )
+    started = time.monotonic()
+    result = adapter.run_stage(request, LOG)
+    assert time.monotonic() - started < 5.0
+    assert isinstance(result.outputs["save"], Path)
+    assert f"prompt {result.job_id}: node 3 (KSampler) step 4/5" in [m for _, m in calls]
+    assert "server_execution_s" not in result.metadata
+
+
 # -- refused prompts ----------------------------------------------------------------------------
 
 

@@ -51,6 +51,9 @@ Test-only control surface (NOT part of ComfyUI's protocol)
   the queue and the history are forgotten, websockets close (once).
 - `forget: ["<prompt id>", ...]` -- forget these prompts (queue, history, or running) silently.
 - `history_size: 10000` -- how many finished prompts the history keeps.
+- `legacy: true` -- speak like ComfyUI of early 2024: no `execution_success` (a prompt ends with
+  `executing` for node null only), no timestamps, no `progress_state`, and `progress` without
+  `prompt_id` and `node`.
 - `checkpoints: [...]` -- the file names CheckpointLoaderSimple accepts.
 
 `GET /_loopback/state` (`server.state()`) answers what the server saw: `prompts` (accepted ids in
@@ -733,6 +736,7 @@ class LoopbackConfig:
     http_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     refuse_websockets: bool = False
     history_size: int = 10000
+    legacy: bool = False
     checkpoints: list[str] = field(default_factory=lambda: list(CHECKPOINTS))
 
 
@@ -954,13 +958,21 @@ class ComfyUILoopbackServer:
 
     def add_message(self, job: Job, event: str, data: dict[str, Any], broadcast: bool) -> None:
         """PromptExecutor.add_message: timestamped, to the prompt's client (or everyone)."""
-        data = {**data, "timestamp": int(time.time() * 1000)}
+        if self.config.legacy:
+            if event == "execution_success":
+                return
+        else:
+            data = {**data, "timestamp": int(time.time() * 1000)}
         job.messages.append([event, data])
         if job.client_id is not None or broadcast:
             self.send_sync(event, data, job.client_id)
 
     def progress(self, job: Job, node_id: str, value: int, maximum: int) -> None:
         """The progress hook: `progress`, newer servers' `progress_state`, a binary preview."""
+        if self.config.legacy:
+            self.send_sync("progress", {"value": value, "max": maximum}, job.client_id)
+            self.send_sync(PREVIEW_IMAGE, struct.pack(">I", 1) + self._preview, job.client_id)
+            return
         self.send_sync(
             "progress",
             {"value": value, "max": maximum, "prompt_id": job.prompt_id, "node": node_id},

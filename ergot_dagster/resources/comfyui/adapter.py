@@ -216,7 +216,7 @@ class ComfyUIRuntime(JobRuntime):
             outcome = self._cancel_prompt(target, headers, proposed, log) if in_flight else ""
             self._close(events, client)
             raise RuntimeTimeoutError(
-                f"template on {target.name}: the prompt was not submitted within the stage's "
+                f"{stage.id} on {target.name}: the prompt was not submitted within the stage's "
                 f"{request.timeout_s:g} s" + (f"; {outcome}" if outcome else "")
             ) from None
         except BaseException:
@@ -227,12 +227,10 @@ class ComfyUIRuntime(JobRuntime):
             raise
         prompt_id = accepted.prompt_id
         tracker = PromptTracker(prompt_id=prompt_id, template=template)
+        number = f" as number {accepted.number:g}" if accepted.number is not None else ""
         log.info(
-            f"comfyui: prompt {prompt_id} queued on {target.name} ({client.server}) as number "
-            f"{accepted.number:g}, followed by {'websocket' if events else 'polling'} "
-            f"(timeout {request.timeout_s:g} s)"
-            if accepted.number is not None
-            else f"comfyui: prompt {prompt_id} queued on {target.name} ({client.server})"
+            f"comfyui: prompt {prompt_id} queued on {target.name} ({client.server}){number}, "
+            f"followed by {'websocket' if events else 'polling'} (timeout {request.timeout_s:g} s)"
         )
         return RuntimeJob(
             job_id=prompt_id,
@@ -418,17 +416,27 @@ class ComfyUIRuntime(JobRuntime):
         """Until the prompt is finished: websocket messages while there is a socket, status polls
         when it is quiet or gone. Raises `DeadlineReached` at the deadline."""
         report(tracker)
-        last_check = time.monotonic()
+        last_news = last_poll = time.monotonic()
         unknown_since: float | None = None
         failures = 0
+
+        def next_poll() -> float:
+            # Other prompts' messages are no news of this one: ask when it has been quiet.
+            # `executing` with no node ends a prompt, and servers from before
+            # `execution_success` (mid 2024) say nothing else: then the history says how.
+            at = max(last_news, last_poll) + self.quiet_check_s
+            if tracker.done:
+                at = min(at, last_poll + min(self.poll_interval_s, 0.5))
+            return at
+
         while not tracker.terminal:
             if client.remaining() <= 0:
                 raise DeadlineReached
             events: PromptEvents | None = job.state["events"]
+            now = time.monotonic()
             if events is not None:
-                wait_s = min(client.remaining(), last_check + self.quiet_check_s - time.monotonic())
                 try:
-                    frame = events.receive(wait_s)
+                    frame = events.receive(min(client.remaining(), next_poll() - now))
                 except WebsocketLost as exc:
                     log.warning(
                         f"comfyui: the websocket of {client.name} dropped ({exc}); following "
@@ -441,18 +449,15 @@ class ComfyUIRuntime(JobRuntime):
                 if frame is not None:
                     message = parse_ws(frame)
                     if message is not None and tracker.apply(message):
-                        last_check = time.monotonic()
+                        last_news = time.monotonic()
                         unknown_since = None
                         report(tracker)
+                if tracker.terminal or time.monotonic() < next_poll():
                     continue
-                if time.monotonic() - last_check < self.quiet_check_s:
-                    continue
-            else:
-                pause = min(self.poll_interval_s, client.remaining())
-                if time.monotonic() - last_check < pause:
-                    time.sleep(max(0.0, last_check + pause - time.monotonic()))
-                    continue
-            last_check = time.monotonic()
+            elif now < last_poll + self.poll_interval_s:
+                time.sleep(min(last_poll + self.poll_interval_s - now, max(client.remaining(), 0)))
+                continue
+            last_poll = time.monotonic()
             try:
                 self._poll(client, tracker)
             except TransientRuntimeError as exc:
@@ -475,7 +480,7 @@ class ComfyUIRuntime(JobRuntime):
                 if now - unknown_since >= self.lost_grace_s:
                     raise TransientRuntimeError(
                         f"{client.name} lost prompt {tracker.prompt_id}: it is in neither the "
-                        f"queue nor the history (the server lost the prompt (restarted?))",
+                        "queue nor the history, so the server lost the prompt (restarted?)",
                         job_id=tracker.prompt_id,
                     )
             else:
@@ -731,7 +736,7 @@ class ComfyUIRuntime(JobRuntime):
                     send("interrupt")
                     outcome = f"interrupted prompt {prompt_id} on {name}"
                 elif lane is None:
-                    outcome = f"prompt {prompt_id} on {name} had already finished"
+                    outcome = f"prompt {prompt_id} was neither queued nor running on {name}"
                 else:
                     send("delete")
                     send("interrupt")
