@@ -27,6 +27,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, materialize
 
 from ergot_dagster.assets import build_assets
+from ergot_dagster.client import ErgotClient
 from ergot_dagster.definitions import build_definitions
 from ergot_dagster.errors import (
     PermanentRuntimeError,
@@ -56,8 +57,9 @@ from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.model import StageSpec, WorkflowDefinition
 from ergot_dagster.workflows.run_config import run_config_for
 from ergot_dagster.workflows.settings_schema import apply_defaults
+from tests.conftest import subprocess_env
 from tests.servers.comfyui_server import ComfyUILoopbackServer
-from tests.support import stop, until
+from tests.support import dagster_dev, stop, until
 
 LOG = logging.getLogger("test.comfyui")
 EXAMPLES = PROJECT_ROOT / "examples" / "comfyui"
@@ -1026,3 +1028,54 @@ def test_the_example_workflows_materialize_in_dagster(
     description = failure.user_failure_data.description
     assert "node 4 (CheckpointLoaderSimple) input 'ckpt_name': Value not in list" in description
     assert failure.user_failure_data.metadata["retryable"].value is False
+
+
+@pytest.mark.slow
+def test_cancelling_a_dagster_run_interrupts_its_prompt(
+    comfyui_process: str, plane_settings: ErgotSettings, ingest_root: Path, tmp_path: Path
+) -> None:
+    # The repository's instance config, as `make dev` uses it: queue, daemon, run termination.
+    (plane_settings.dagster_home / "dagster.yaml").write_text(
+        (PROJECT_ROOT / "dagster.yaml").read_text()
+    )
+    env = subprocess_env(plane_settings)
+    env.update(
+        {
+            "ERGOT_WORKFLOW_DEFS": str(DEFS),
+            "ERGOT_RUNTIME_TARGETS": str(EXAMPLES / "runtime_targets.yaml"),
+            "ERGOT_TARGET_COMFYUI_LOOP_ENDPOINT": comfyui_process,
+            "ERGOT_INGEST_INTERVAL_S": "3600",
+        }
+    )
+    make_clip(ingest_root / "cam" / "take 02.mov", duration=1.0, size="320x240")
+    with DagsterInstance.from_config(str(plane_settings.dagster_home)) as instance:
+        outcomes = ingest_refs(
+            ingest_root, ["cam/take 02.mov"], lambda key: latest_source_record(instance, key)
+        )
+        record_sources(instance, [o.record for o in outcomes if o.record])
+    httpx.post(
+        f"{comfyui_process}/_loopback/config", json={"step_seconds": 0.2}, timeout=5
+    ).raise_for_status()
+
+    def loopback() -> dict[str, Any]:
+        return httpx.get(f"{comfyui_process}/_loopback/state", timeout=5).json()
+
+    with dagster_dev(plane_settings.home, env, tmp_path / "dagster-dev.log") as url:
+        client = ErgotClient(url)
+        handle = client.submit(
+            {
+                "request_id": "comfy-cancel-1",
+                "workflow": "image_from_prompt",
+                "sources": {"primary": "cam/take 02.mov"},
+                "settings": {"steps": 150, "width": 64, "height": 64},
+            }
+        )
+        prompt_id = until("the prompt to run on ComfyUI", lambda: loopback()["running"])[0]
+        client.cancel(handle.run_id)
+        assert client.wait(handle.run_id, timeout_s=60).status == "CANCELED"
+        assert {"prompt_id": prompt_id, "hit": True} in loopback()["interrupts"]
+        until(
+            "the prompt to end interrupted",
+            lambda: loopback()["status"].get(prompt_id) == "interrupted",
+            10,
+        )

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 from pydantic import Field, ValidationError
 
 from ergot_dagster.artifacts.store import extension_for
@@ -46,7 +45,6 @@ from ergot_dagster.resources.comfyui.client import (
     DeadlineReached,
     PromptEvents,
     WebsocketLost,
-    connection,
     endpoint_secrets,
     public_endpoint,
     scrub,
@@ -686,61 +684,55 @@ class ComfyUIRuntime(JobRuntime):
     ) -> str:
         """Delete the prompt if it is queued, interrupt it if it runs; bounded, never raises.
 
-        A fresh connection: the stage's may have been interrupted mid-call. `/interrupt` names
-        the prompt, so a server that has moved on to another prompt leaves that one alone (servers
-        older than that field interrupt whatever runs, which is why the queue is asked first).
+        A fresh connection, bounded by `cancel_timeout_s` in all: the stage's may have been
+        interrupted mid-call. `/interrupt` names the prompt, so a server that has moved on to
+        another prompt leaves that one alone (servers older than that field interrupt whatever
+        runs, which is why the queue is asked first).
         """
         name = target.name
-        deadline = time.monotonic() + self.cancel_timeout_s
-        path_of = {"delete": "/queue", "interrupt": "/interrupt"}
-        body_of = {"delete": {"delete": [prompt_id]}, "interrupt": {"prompt_id": prompt_id}}
-
-        def remaining() -> float:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the cancel budget is spent")
-            return left
-
-        base_url, headers = connection(target.endpoint or "", headers)
+        opened: list[ComfyClient] = []
         try:
-            with httpx.Client(
-                base_url=base_url,
-                headers=headers,
-                timeout=self.cancel_timeout_s / 2,
-                follow_redirects=False,
-            ) as http:
+            client = ComfyClient(
+                target,
+                headers,
+                deadline=time.monotonic() + self.cancel_timeout_s,
+                request_timeout_s=self.cancel_timeout_s,
+                max_answer_bytes=self.max_answer_bytes,
+            )
+            opened.append(client)
 
-                def place() -> str | None:
-                    response = http.get("/queue", timeout=min(remaining(), self.cancel_timeout_s))
-                    if response.status_code != 200 or len(response.content) > self.max_answer_bytes:
-                        return "?"
-                    try:
-                        return queue_place(response.json(), prompt_id)[0]
-                    except ValueError:
-                        return "?"
+            def place() -> str | None:
+                answer = client.exchange("GET", "/queue", "the queue (cancelling)")
+                doc = answer.json() if answer.status == 200 else None
+                try:
+                    return queue_place(doc, prompt_id)[0]
+                except ValueError:
+                    return "?"  # unreadable: neither delete nor interrupt can be ruled out
 
-                def send(action: str) -> None:
-                    response = http.post(path_of[action], json=body_of[action], timeout=remaining())
-                    if response.status_code != 200:
-                        raise _CancelRefused(f"{path_of[action]} answered {response.status_code}")
+            def send(path: str, body: dict[str, Any]) -> None:
+                answer = client.exchange("POST", path, f"the cancel ({path})", json=body)
+                if answer.status != 200:
+                    raise _CancelRefused(f"{path} answered {client.describe(answer)}")
 
-                lane = place()
-                if lane == "pending":
-                    send("delete")
-                    if place() == "running":  # it started between the two calls
-                        send("interrupt")
-                        outcome = f"interrupted prompt {prompt_id} on {name}"
-                    else:
-                        outcome = f"deleted queued prompt {prompt_id} from {name}'s queue"
-                elif lane == "running":
-                    send("interrupt")
+            delete = ("/queue", {"delete": [prompt_id]})
+            interrupt = ("/interrupt", {"prompt_id": prompt_id})
+            lane = place()
+            if lane == "pending":
+                send(*delete)
+                if place() == "running":  # it started between the two calls
+                    send(*interrupt)
                     outcome = f"interrupted prompt {prompt_id} on {name}"
-                elif lane is None:
-                    outcome = f"prompt {prompt_id} was neither queued nor running on {name}"
                 else:
-                    send("delete")
-                    send("interrupt")
-                    outcome = f"sent a delete and an interrupt for prompt {prompt_id} to {name}"
+                    outcome = f"deleted queued prompt {prompt_id} from {name}'s queue"
+            elif lane == "running":
+                send(*interrupt)
+                outcome = f"interrupted prompt {prompt_id} on {name}"
+            elif lane is None:
+                outcome = f"prompt {prompt_id} was neither queued nor running on {name}"
+            else:
+                send(*delete)
+                send(*interrupt)
+                outcome = f"sent a delete and an interrupt for prompt {prompt_id} to {name}"
         except _CancelRefused as exc:
             log.warning(f"comfyui: cancelling prompt {prompt_id} on {name}: {exc}")
             return f"the cancel of prompt {prompt_id} on {name} was refused ({exc})"
@@ -750,6 +742,9 @@ class ComfyUIRuntime(JobRuntime):
                 "it may still be running there"
             )
             return f"the cancel of prompt {prompt_id} on {name} failed ({type(exc).__name__})"
+        finally:
+            for client in opened:
+                client.close()
         log.info(f"comfyui: {outcome}")
         return outcome
 

@@ -132,7 +132,7 @@ class Answer:
             return None
         try:
             return json.loads(self.body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
             return None
 
 

@@ -308,5 +308,5 @@ def parse_ws(raw: str | bytes) -> WsMessage | None:
         return None
     try:
         return WsMessage.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, ValidationError, TypeError):
+    except (ValueError, ValidationError, TypeError, RecursionError):
         return None
