@@ -507,6 +507,7 @@ def validate_inputs(
     node_id: str,
     validated: dict[str, tuple[bool, list[dict[str, Any]]]],
 ) -> tuple[bool, list[dict[str, Any]]]:
+    """(valid, errors) of one node and, through its links, the nodes it depends on."""
     if node_id in validated:
         return validated[node_id]
     node = prompt[node_id]
@@ -797,6 +798,7 @@ class ComfyUILoopbackServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> ComfyUILoopbackServer:
+        """Serve (HTTP in one thread, the prompt worker in another); returns once listening."""
         self._preview = self._make_preview()
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -828,6 +830,7 @@ class ComfyUILoopbackServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and working; the running prompt ends without a word."""
         with self.lock:
             self._stopping = True
             for job in self.running.values():
@@ -949,6 +952,7 @@ class ComfyUILoopbackServer:
                     LOG.debug("send error: %s", exc)
 
     def queue_updated(self) -> None:
+        """Tell every socket the queue changed (`status`), as ComfyUI does."""
         self.send_sync("status", {"status": self.queue_info()}, None)
 
     def queue_info(self) -> dict[str, Any]:
@@ -997,6 +1001,7 @@ class ComfyUILoopbackServer:
     # -- the worker (main.prompt_worker and PromptExecutor.execute) -----------------------------
 
     def check_interrupt(self, job: Job) -> None:
+        """Raise if the prompt was forgotten, or (once) if an interrupt was asked for."""
         if job.forgotten:
             raise Forgotten
         if self.interrupt_requested:

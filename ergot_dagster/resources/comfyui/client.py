@@ -390,6 +390,7 @@ class ComfyClient:
     # -- the websocket ------------------------------------------------------------------------
 
     def websocket_url(self, client_id: str) -> str:
+        """`ws(s)://host[:port][/prefix]/ws?clientId=...`, without credentials."""
         parts = urlsplit(self.endpoint)
         scheme = "wss" if parts.scheme == "https" else "ws"
         host = parts.hostname or ""

@@ -42,6 +42,7 @@ class InputSlot:
 
 
 def title_of(node: dict[str, Any]) -> str | None:
+    """The node's `_meta.title`, if it has a non-empty one."""
     meta = node.get("_meta")
     title = meta.get("title") if isinstance(meta, dict) else None
     return title if isinstance(title, str) and title else None
