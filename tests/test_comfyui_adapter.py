@@ -993,6 +993,8 @@ def test_the_example_workflows_materialize_in_dagster(
         "comfyui-loop",
         prompt_id,
     )
+    # The manifest names the server that made it (contract 1.1.0).
+    assert manifest.runtime.endpoint == comfyui_process
     assert manifest.media_type == "image/png"
     summary = probe(store.local_path(manifest.uri))
     assert (summary.width, summary.height) == (256, 192)

@@ -728,6 +728,7 @@ def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
     for manifest in manifests.values():
         assert manifest.runtime.type == "face_embedding"
         assert manifest.runtime.target == f"face-{where}"
+        assert (manifest.runtime.endpoint is None) == (where == "local")
         assert [(p.kind, p.ref, p.sha256) for p in manifest.parents] == [
             ("source", "people/astronaut.png", record.sha256)
         ]

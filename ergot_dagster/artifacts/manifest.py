@@ -33,6 +33,11 @@ class RuntimeInfo(BaseModel):
     type: str
     target: str
     job_id: str | None = None
+    endpoint: str | None = Field(
+        default=None,
+        description="the remote server that did the work (scheme, host, port and path only; "
+        "never credentials); None for a local engine",
+    )
 
 
 class SetMember(BaseModel):

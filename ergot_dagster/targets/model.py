@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -90,6 +91,18 @@ class RuntimeTarget(BaseModel):
         if value is not None and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/") if value else value
+
+    @property
+    def public_endpoint(self) -> str | None:
+        """The endpoint as it may be recorded: no user, password, query or fragment."""
+        if not self.endpoint:
+            return None
+        parts = urlsplit(self.endpoint)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
     @property
     def concurrency_tag(self) -> str:

@@ -166,6 +166,7 @@ def store_artifact(
     parents: list[ParentRef],
     result: StageResult,
     stage: StageSpec,
+    endpoint: str | None = None,
 ) -> ArtifactManifest:
     """Put an artifact's bytes in the store and write its manifest."""
     spec = definition.outputs[artifact]
@@ -214,7 +215,10 @@ def store_artifact(
         source_ref=source_ref,
         parents=parents,
         runtime=RuntimeInfo(
-            type=stage.runtime or definition.runtime, target=result.target, job_id=result.job_id
+            type=stage.runtime or definition.runtime,
+            target=result.target,
+            job_id=result.job_id,
+            endpoint=endpoint,
         ),
         stage=stage.id,
         members=members,
@@ -462,6 +466,7 @@ def execute_plan(
                         parents=stage_parents,
                         result=result,
                         stage=stage,
+                        endpoint=target.public_endpoint,
                     )
                 except ErgotError as exc:
                     failures[artifact] = exc
