@@ -121,10 +121,18 @@ def test_operator_view_screenshots(
         page.goto(f"{url}/asset-groups")
         expect(page.get_by_text("photogrammetry").first).to_be_visible()
         settings = page.locator("button:has([aria-label=settings])").last
-        settings.click()
-        page.get_by_role("menuitem", name="Expand all groups").click()
-        settings.click()
-        page.get_by_role("menuitem", name="Change graph to vertical orientation").click()
+
+        def choose(item_name: str) -> None:
+            # One menu at a time: the graph re-lays itself out after each choice, and a click
+            # on a menu that is still closing lands on its backdrop.
+            settings.click()
+            item = page.get_by_role("menuitem", name=item_name)
+            expect(item).to_be_visible()
+            item.click()
+            expect(item).to_be_hidden()
+
+        choose("Expand all groups")
+        choose("Change graph to vertical orientation")
         page.reload()
         for node in ("source", "poster", "poster_info", "report", "frames", "contact_sheet"):
             expect(page.get_by_text(node, exact=True).last).to_be_visible()
