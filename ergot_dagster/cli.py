@@ -306,7 +306,7 @@ def targets(probe: bool, as_json: bool) -> None:
                 "name": target.name,
                 "runtime": target.runtime,
                 "locality": target.locality.model_dump(),
-                "endpoint": target.endpoint,
+                "endpoint": target.public_endpoint,
                 "concurrency": target.concurrency,
                 "capabilities": target.capabilities,
                 "routing": target.routing.model_dump(),
@@ -379,6 +379,7 @@ def run(
 
 
 # -- requests through the queue -------------------------------------------------------------
+
 
 def _client() -> Any:
     """A client of the plane at ERGOT_DAGSTER_URL (default http://127.0.0.1:3000)."""

@@ -24,7 +24,7 @@ from dagster import (
 from ergot_dagster.assets.runtime_targets import build_target_checks, target_specs
 from ergot_dagster.errors import DefinitionError
 from ergot_dagster.orchestration.run_coordinator import ErgotRunCoordinator
-from ergot_dagster.resources.targets import RuntimeTargetsResource
+from ergot_dagster.resources.targets import RuntimeTargetsResource, target_resources
 from ergot_dagster.sensors.health_sensor import runtime_health
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
 from ergot_dagster.targets.config import load_targets
@@ -235,3 +235,35 @@ def test_a_pool_limits_runs_across_the_targets_that_share_it(
     path.write_text(path.read_text().replace("pools:\n  gpu-box: 1\n", ""))
     with pytest.raises(DefinitionError, match="names pool 'gpu-box', which `pools` does not"):
         load_targets(path)
+
+
+def test_credentials_in_an_endpoint_are_never_shown(
+    plane_settings: ErgotSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = plane_settings.home / "secret_targets.yaml"
+    secret = "s3cretpw-9f2d"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "targets": [
+                    {
+                        "name": "comfy-proxy",
+                        "runtime": "studio",
+                        "endpoint": f"http://ops:{secret}@10.0.0.5:8188/base?token={secret}",
+                    }
+                ]
+            }
+        )
+    )
+    config = load_targets(path)
+    assert config.targets[0].public_endpoint == "http://10.0.0.5:8188/base"
+    [spec] = target_specs(config)
+    assert secret not in json.dumps({k: str(v) for k, v in spec.metadata.items()})
+    [resource] = target_resources(path, config).values()
+    assert secret not in resource.model_dump_json()
+    env = {**subprocess_env(plane_settings), "ERGOT_RUNTIME_TARGETS": str(path)}
+    listed = subprocess.run(
+        [ERGOT, "targets", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert secret not in listed.stdout

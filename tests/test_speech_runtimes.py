@@ -812,3 +812,33 @@ def test_speech_workflows_end_to_end(
     materialization = result.get_asset_materialization_events()[0].materialization
     stage = materialization.metadata["stage_metadata"].value
     assert stage["cloning"] == "cloned from the voice prompt and its transcript"
+
+
+@pytest.mark.slow
+def test_remote_details_a_deployment_gets_wrong_are_handled(
+    loop: OpenAIAudioLoopbackServer, media: dict[str, Path], tmp_path: Path
+) -> None:
+    # A base URL written with its `/v1`, as OpenAI-style clients take them.
+    target = remote("tts", f"{loop.url}/v1")
+    speak(SENTENCE, tmp_path / "a", target=target)
+    assert loop.state()["requests"][-1]["path"] == "/v1/audio/speech"
+    # Audio longer than the adapter accepts is refused, and nothing of it is kept.
+    small = TTSRuntime(max_audio_bytes=1024)
+    with pytest.raises(PermanentRuntimeError, match="more than 1024 bytes"):
+        small.run_stage(
+            request(
+                "tts",
+                "speak",
+                remote("tts", loop.url),
+                tmp_path / "b",
+                params={"text": SENTENCE},
+                output_types={"audio": "audio/wav"},
+            ),
+            LOG,
+        )
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    # A server whose transcription route is elsewhere (whisper.cpp's /inference).
+    moved = remote("transcription", loop.url, transcriptions_path="/inference")
+    with pytest.raises(PermanentRuntimeError, match="does not serve"):
+        transcribe(media["sentence"], tmp_path / "c", target=moved)
+    assert loop.state()["requests"][-1]["path"] == "/inference"

@@ -5,7 +5,6 @@ latency, queue depth, device) and the result of their `reachable` check, so the 
 each target's health over time beside the workflows that run on it.
 """
 
-
 from collections.abc import Iterator
 
 from dagster import (
@@ -26,7 +25,8 @@ def target_specs(config: TargetsConfig) -> list[AssetSpec]:
     """One external asset per configured target, described by its declaration."""
     specs = []
     for target in config.targets:
-        declaration = target.model_dump(mode="json", exclude={"auth"})
+        declaration = target.model_dump(mode="json", exclude={"auth", "endpoint"})
+        declaration["endpoint"] = target.public_endpoint
         declaration["auth"] = {
             "kind": target.auth.kind,
             # The variable's name only: the secret itself is never read here.
@@ -49,7 +49,7 @@ def target_specs(config: TargetsConfig) -> list[AssetSpec]:
                     "locality": where,
                     "concurrency": MetadataValue.int(target.concurrency),
                     "capabilities": ", ".join(target.capabilities) or "none",
-                    "endpoint": target.endpoint or "(local)",
+                    "endpoint": target.public_endpoint or "(local)",
                     "declaration": MetadataValue.json(declaration),
                 },
                 tags={"ergot/runtime": target.runtime, "ergot/locality": target.locality.kind},

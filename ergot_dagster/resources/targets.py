@@ -50,7 +50,7 @@ def target_resources(path: Path, config: TargetsConfig) -> dict[str, RuntimeTarg
             runtime=target.runtime,
             locality=target.locality.kind
             + (f" ({target.locality.site})" if target.locality.site else ""),
-            endpoint=target.endpoint or "",
+            endpoint=target.public_endpoint or "",
             concurrency=target.concurrency,
             capabilities=list(target.capabilities),
             auth_env=target.auth.token_env or "",

@@ -208,8 +208,10 @@ class ComfyUIRuntime(JobRuntime):
             events = self._open_events(client, client_id, log)
             in_flight = True
             answer = self._post_prompt(client, prompt, client_id, proposed)
-            in_flight = False
+            # Still in flight until the answer is understood: a proxy's 502 after ComfyUI
+            # queued the prompt must not leave it running while the plane retries.
             accepted = self._accepted(client, answer, template, bound_by, headers, log)
+            in_flight = False
         except DeadlineReached:
             outcome = self._cancel_prompt(target, headers, proposed, log) if in_flight else ""
             self._close(events, client)
@@ -730,9 +732,14 @@ class ComfyUIRuntime(JobRuntime):
             elif lane is None:
                 outcome = f"prompt {prompt_id} was neither queued nor running on {name}"
             else:
+                # Where it is cannot be told (the queue did not answer): a delete is harmless,
+                # but an interrupt an older server applies to whatever runs could hit another
+                # prompt, so it is sent only for a prompt seen running.
                 send(*delete)
-                send(*interrupt)
-                outcome = f"sent a delete and an interrupt for prompt {prompt_id} to {name}"
+                outcome = (
+                    f"sent a delete for prompt {prompt_id} to {name} (its queue did not say "
+                    "where the prompt was)"
+                )
         except _CancelRefused as exc:
             log.warning(f"comfyui: cancelling prompt {prompt_id} on {name}: {exc}")
             return f"the cancel of prompt {prompt_id} on {name} was refused ({exc})"

@@ -145,6 +145,18 @@ def local_model(target: RuntimeTarget) -> LocalModel:
     )
 
 
+def _transcriptions_path(target: RuntimeTarget) -> str:
+    """The transcription route: OpenAI's, unless the target names another (whisper.cpp's server
+    serves `/inference` unless started with `--inference-path /v1/audio/transcriptions`)."""
+    path = str(target.options.get("transcriptions_path") or TRANSCRIPTIONS_PATH)
+    if not path.startswith("/") or ".." in path:
+        raise PermanentRuntimeError(
+            f"target {target.name}: options.transcriptions_path must be an absolute path such as "
+            f"{TRANSCRIPTIONS_PATH}"
+        )
+    return path
+
+
 @register_runtime
 class TranscriptionRuntime(JobRuntime):
     """Speech to text (operation `transcribe`) locally with faster-whisper, or over an
@@ -422,7 +434,7 @@ class TranscriptionRuntime(JobRuntime):
             with open(wav, "rb") as handle:
                 upload = DeadlineFile(handle, session.deadline)
                 answer = session.post(
-                    TRANSCRIPTIONS_PATH,
+                    _transcriptions_path(request.target),
                     what,
                     max_bytes=_MAX_ANSWER_BYTES,
                     data=form,

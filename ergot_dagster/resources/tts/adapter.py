@@ -396,12 +396,19 @@ class TTSRuntime(JobRuntime):
                         path,
                         "the cloned speech request",
                         raw,
+                        max_bytes=self.max_audio_bytes,
                         data=form,
                         files={"voice_file": (prompt.name, upload, "audio/wav")},
                     )
                 metadata["api_path"] = path
             else:
-                session.post_to_file(SPEECH_PATH, "the speech request", raw, json=fields)
+                session.post_to_file(
+                    SPEECH_PATH,
+                    "the speech request",
+                    raw,
+                    max_bytes=self.max_audio_bytes,
+                    json=fields,
+                )
                 metadata["api_path"] = SPEECH_PATH
         except DeadlineReached:
             raise DeadlinePassed from None

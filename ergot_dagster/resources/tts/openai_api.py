@@ -49,6 +49,12 @@ _MAX_QUOTED_CHARS = 300
 _MIN_SECRET_CHARS = 4
 
 
+def api_base(endpoint: str) -> str:
+    """The server's root: OpenAI-style base URLs are often given with their `/v1`, and the
+    paths here carry it already."""
+    return endpoint.rstrip("/").removesuffix("/v1")
+
+
 class DeadlineReached(Exception):
     """The stage's deadline passed during a call; the caller decides what that means."""
 
@@ -175,7 +181,7 @@ class ApiSession:
         headers = auth_headers(target)
         try:
             client = httpx.Client(
-                base_url=target.endpoint,
+                base_url=api_base(target.endpoint),
                 headers={**headers, "User-Agent": "ergot-dagster"},
                 timeout=request_timeout_s,
                 follow_redirects=False,
@@ -288,10 +294,13 @@ class ApiSession:
                     break
             return Answer(response.status_code, response.headers, bytes(body))
 
-    def post_to_file(self, path: str, what: str, dest: Path, **kwargs: Any) -> tuple[str, int]:
+    def post_to_file(
+        self, path: str, what: str, dest: Path, max_bytes: int | None = None, **kwargs: Any
+    ) -> tuple[str, int]:
         """POST and stream a 200 answer's body into `dest` (atomically): (content type, size).
 
-        Any other answer is read (bounded) and raised as the classified failure.
+        Any other answer is read (bounded) and raised as the classified failure; a body longer
+        than `max_bytes` is refused (permanent) and nothing is kept.
         """
         self.calls.append(f"POST {path}")
         part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
@@ -318,6 +327,11 @@ class ApiSession:
                             raise DeadlineReached
                         handle.write(chunk)
                         written += len(chunk)
+                        if max_bytes is not None and written > max_bytes:
+                            raise PermanentRuntimeError(
+                                f"{self.target.name} answered {what} with more than "
+                                f"{max_bytes} bytes"
+                            )
             if written == 0:
                 raise PermanentRuntimeError(f"{self.target.name} answered {what} with no bytes")
             os.replace(part, dest)
@@ -346,7 +360,7 @@ def probe_health(target: RuntimeTarget, timeout_s: float) -> HealthReport:
     answers: dict[str, Answer] = {}
     try:
         with httpx.Client(
-            base_url=target.endpoint,
+            base_url=api_base(target.endpoint),
             headers=headers,
             timeout=timeout_s,
             follow_redirects=False,
