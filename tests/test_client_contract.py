@@ -25,6 +25,7 @@ from ergot_dagster.client import (
     InvalidSettingsError,
     ProcessingRequest,
     RequestConflictError,
+    RequestRejectedError,
     RetryRefusedError,
     ServerUnreachableError,
     SourceNotFoundError,
@@ -325,7 +326,15 @@ def test_curl_and_jq_following_docs_contract(plane: Plane) -> None:
 
 
 def test_a_request_no_target_can_serve_fails_at_once_with_the_reason(plane: Plane) -> None:
-    handle = plane.client.submit(plane.request("media_qc", execution_target="gpu-box-9"))
+    # The client knows the targets (from the runtime/<target> assets): refused before any run.
+    with pytest.raises(RequestRejectedError, match="'gpu-box-9' is neither local, remote nor"):
+        plane.client.submit(plane.request("media_qc", execution_target="gpu-box-9"))
+    with pytest.raises(RequestRejectedError, match=r"\(asked: remote.*ffmpeg-local is local"):
+        plane.client.submit(plane.request("media_qc", execution_target="remote"))
+    # A raw GraphQL launch naming it anyway: the queue fails the run at once, saying why.
+    plan = plane.client.plan(plane.request("media_qc"))
+    plan.tags["ergot/execution_target"] = "gpu-box-9"
+    handle = plane.client.launch(plan)
     status = plane.client.wait(handle.run_id, 60)
     assert status.status == "FAILURE"
     assert status.error is not None and "gpu-box-9" in status.error.message

@@ -33,6 +33,8 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInsta
 from ergot_dagster.artifacts.lineage import store_manifests, walk
 from ergot_dagster.artifacts.store import LocalArtifactStore
 from ergot_dagster.client import ErgotClient, RequestRejectedError, RunStatus
+from ergot_dagster.client.catalog import GraphQLCatalog
+from ergot_dagster.client.graphql import GraphQLTransport
 from ergot_dagster.media.synth import make_clip
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.refs import ref_to_partition_key
@@ -93,6 +95,7 @@ class Plane:
     store: LocalArtifactStore
     studio: Studio
     log: Path
+    url: str = ""
 
     def request(self, workflow: str, source: str, **fields: Any) -> ProcessingRequest:
         fields.setdefault("request_id", f"t-{uuid.uuid4()}")
@@ -245,7 +248,12 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
                     load_registry(defs), instance, store, load_targets(targets_file)
                 )
                 yield Plane(
-                    ErgotClient(url, catalog=catalog), instance, store, Studio(studio_url), log
+                    ErgotClient(url, catalog=catalog),
+                    instance,
+                    store,
+                    Studio(studio_url),
+                    log,
+                    url=url,
                 )
         finally:
             os.environ.clear()
@@ -575,6 +583,11 @@ def test_runs_go_to_the_healthy_target_and_ergot_targets_says_which_is_down(plan
     )
     assert listed.returncode == 0, listed.stderr
     health = {row["name"]: row["health"]["status"] for row in json.loads(listed.stdout)}
+    # A consumer that knows only the URL sees the same: the dead target is skipped in planning.
+    catalog = GraphQLCatalog(GraphQLTransport(plane.url))
+    assert catalog.unhealthy_targets() == {"studio-dead"}
+    declared = catalog.targets()
+    assert declared is not None and declared.get("studio-dead") is not None
     assert {name: health[name] for name in ("ffmpeg-local", "studio-dead", "studio-loop")} == {
         "ffmpeg-local": "up",
         "studio-dead": "down",

@@ -5,8 +5,10 @@ workflow asset; source records from the materializations of `ergot/source`; arti
 from the materializations of the run that stored them. So a consumer plans a request (and gets
 its mistakes named) with nothing but the plane's URL, exactly as a machine of the plane would.
 
-Runtime targets are not exposed here: the run queue routes every run when it is submitted and
-fails it at once, with the reason, when no target can serve it.
+Runtime targets come from the declarations on the observable assets `runtime/<target>`, and
+their health from those assets' newest observations, so a request no target can serve is refused
+here, naming what each target lacked, before any run exists. The run queue routes every run again
+when it is submitted (the plane's word is final).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ergot_dagster.orchestration.tags import PARTITION as PARTITION_TAG
 from ergot_dagster.refs import parse_artifact_ref, ref_to_partition_key
 from ergot_dagster.sources.record import SourceRecord
 from ergot_dagster.targets.config import TargetsConfig
+from ergot_dagster.targets.health import HEALTH_PREFIX, RECORD_KEY, TargetHealth, max_age_s
+from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.factory import DEFINITIONS_METADATA_KEY
 from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.registry import WorkflowRegistry
@@ -57,6 +61,8 @@ class GraphQLCatalog:
         self._keys: dict[str, list[str]] = {}
         self._keys_at = float("-inf")
         self._definitions: dict[str, list[WorkflowDefinition]] = {}
+        self._runtime: list[dict[str, Any]] = []
+        self._targets_at = float("-inf")
 
     def _workflow_asset_keys(self) -> dict[str, list[str]]:
         if time.monotonic() - self._keys_at > self._ttl_s:
@@ -128,8 +134,40 @@ class GraphQLCatalog:
                 return _manifest_with_ref(asset["assetMaterializations"], ref)
         return None
 
+    def _runtime_nodes(self) -> list[dict[str, Any]]:
+        if time.monotonic() - self._targets_at > self._ttl_s:
+            nodes = self._gql.execute(Q.ASSET_KEYS)["assetNodes"]
+            keys = [
+                {"path": n["assetKey"]["path"]}
+                for n in nodes
+                if len(n["assetKey"]["path"]) == 2 and n["assetKey"]["path"][0] == HEALTH_PREFIX
+            ]
+            self._runtime = (
+                self._gql.execute(Q.RUNTIME_TARGETS, {"keys": keys})["assetNodes"] if keys else []
+            )
+            self._targets_at = time.monotonic()
+        return self._runtime
+
     def targets(self) -> TargetsConfig | None:
-        return None
+        declared = []
+        for node in self._runtime_nodes():
+            declaration = metadata_values(node["metadataEntries"]).get("declaration")
+            if not isinstance(declaration, dict):
+                continue
+            # Pools limit the queue, not routing; their limits are the plane's own business.
+            routing = {**(declaration.get("routing") or {}), "pool": None}
+            declared.append(RuntimeTarget.model_validate({**declaration, "routing": routing}))
+        return TargetsConfig(targets=declared) if declared else None
 
     def unhealthy_targets(self) -> set[str]:
-        return set()
+        down = set()
+        for node in self._runtime_nodes():
+            for observation in node.get("assetObservations") or []:
+                record = metadata_values(observation["metadataEntries"]).get(RECORD_KEY)
+                if not isinstance(record, dict):
+                    continue
+                health = TargetHealth.model_validate(record)
+                age = health.age_s()
+                if not health.healthy and age is not None and age <= max_age_s():
+                    down.add(health.target)
+        return down

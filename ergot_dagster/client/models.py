@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ergot_dagster.requests.model import ProcessingRequest
 
-CONTRACT_VERSION = "1.1.0"
+CONTRACT_VERSION = "1.2.0"
 
 TERMINAL_STATUSES = ("SUCCESS", "FAILURE", "CANCELED")
 

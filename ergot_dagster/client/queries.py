@@ -169,3 +169,15 @@ query AssetMaterializations($key: AssetKeyInput!, $partitions: [String!], $limit
 }"""
     + METADATA_FRAGMENT
 )
+
+RUNTIME_TARGETS = (
+    """
+query RuntimeTargets($keys: [AssetKeyInput!]) {
+  assetNodes(assetKeys: $keys) {
+    assetKey { path }
+    metadataEntries { ...Meta }
+    assetObservations(limit: 1) { timestamp metadataEntries { ...Meta } }
+  }
+}"""
+    + METADATA_FRAGMENT
+)
