@@ -6,12 +6,65 @@ files are left alone, so running it again only ingests what changed.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ergot_dagster.media.synth import make_audio, make_clip, make_image
 from ergot_dagster.settings import ErgotSettings, ensure_dagster_home
 from ergot_dagster.sources.ingest import ingest_refs, scan_root
 from ergot_dagster.sources.record import latest_source_record, record_sources
+
+DEMO_SCRIPT = (
+    "Good evening. This is the narrator of episode twelve. Tonight we follow the river from the "
+    "mountains to the sea, and we listen to the people who live along its banks."
+)
+
+
+def make_speech(path: Path, text: str = DEMO_SCRIPT) -> Path:
+    """A spoken recording, as a capture node would bring one in: piper's packaged voice reading
+    `text`, with a second of quiet before and after, at 48 kHz."""
+    from ergot_dagster.media.process import run_process
+    from ergot_dagster.resources.tts.engines import piper_voice, run_piper
+    from ergot_dagster.targets.model import RuntimeTarget
+
+    voice = piper_voice(RuntimeTarget(name="demo", runtime="tts"))
+    with tempfile.TemporaryDirectory() as scratch:
+        script, raw = Path(scratch) / "script.txt", Path(scratch) / "speech.wav"
+        script.write_text(text + "\n", encoding="utf-8")
+        run_piper(voice, script, raw, speed=1.0, timeout_s=120)
+        run_process(
+            [
+                "ffmpeg",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-i",
+                str(raw),
+                "-af",
+                "adelay=1000:all=1,apad=pad_dur=1",
+                "-ar",
+                "48000",
+                "-ac",
+                "1",
+                str(path),
+            ],
+            timeout_s=60,
+            tool="ffmpeg",
+        )
+    return path
+
+
+def make_portrait(path: Path) -> Path | None:
+    """A real face for the face workflows: scikit-image's astronaut portrait (public domain,
+    shipped inside the package), if scikit-image is installed (`make setup` installs it)."""
+    try:
+        from PIL import Image
+        from skimage import data
+    except ImportError:
+        return None
+    Image.fromarray(data.astronaut()).save(path)
+    return path
 
 
 def make_demo_media(root: Path) -> list[Path]:
@@ -31,12 +84,18 @@ def make_demo_media(root: Path) -> list[Path]:
         ),
         demo / "audio" / "room tone.wav": lambda p: make_audio(p, duration=5.0),
         demo / "stills" / "portrait.jpg": lambda p: make_image(p, size="640x480"),
+        # Real speech and a real face, for the speech and face workflows.
+        demo / "voice" / "narrator take 1.wav": make_speech,
+        demo / "people" / "astronaut.png": make_portrait,
     }
+    made = []
     for path, make in wanted.items():
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             make(path)
-    return list(wanted)
+        if path.exists():
+            made.append(path)
+    return made
 
 
 def main() -> None:
