@@ -821,7 +821,11 @@ def test_remote_details_a_deployment_gets_wrong_are_handled(
     # A base URL written with its `/v1`, as OpenAI-style clients take them.
     target = remote("tts", f"{loop.url}/v1")
     speak(SENTENCE, tmp_path / "a", target=target)
-    assert loop.state()["requests"][-1]["path"] == "/v1/audio/speech"
+    until(
+        "the loopback to note the speech request",
+        lambda: [r["path"] for r in loop.state()["requests"]] == ["/v1/audio/speech"],
+        timeout_s=10,
+    )
     # Audio longer than the adapter accepts is refused, and nothing of it is kept.
     small = TTSRuntime(max_audio_bytes=1024)
     with pytest.raises(PermanentRuntimeError, match="more than 1024 bytes"):
@@ -841,4 +845,9 @@ def test_remote_details_a_deployment_gets_wrong_are_handled(
     moved = remote("transcription", loop.url, transcriptions_path="/inference")
     with pytest.raises(PermanentRuntimeError, match="does not serve"):
         transcribe(media["sentence"], tmp_path / "c", target=moved)
-    assert loop.state()["requests"][-1]["path"] == "/inference"
+    # The server notes a request once it has answered it: wait for the note, not for luck.
+    until(
+        "the loopback to note the /inference request",
+        lambda: any(r["path"] == "/inference" for r in loop.state()["requests"]),
+        timeout_s=10,
+    )
