@@ -496,7 +496,7 @@ def test_cancelling_stops_the_local_engine_process(
         adapter.run_stage(stage, LOG)
     interrupter.join(timeout=5)
     assert seen, "the engine was running when the run was cancelled"
-    until("the engine process to be gone", lambda: not engine_processes(marker), timeout_s=10)
+    until("the engine process to be gone", lambda: not engine_processes(marker), timeout_s=30)
 
 
 def test_health_of_each_target_kind(loop: OpenAIAudioLoopbackServer) -> None:
@@ -820,12 +820,9 @@ def test_remote_details_a_deployment_gets_wrong_are_handled(
 ) -> None:
     # A base URL written with its `/v1`, as OpenAI-style clients take them.
     target = remote("tts", f"{loop.url}/v1")
+    before = len(loop.state()["requests"])
     speak(SENTENCE, tmp_path / "a", target=target)
-    until(
-        "the loopback to note the speech request",
-        lambda: [r["path"] for r in loop.state()["requests"]] == ["/v1/audio/speech"],
-        timeout_s=10,
-    )
+    assert [r["path"] for r in loop.state()["requests"][before:]] == ["/v1/audio/speech"]
     # Audio longer than the adapter accepts is refused, and nothing of it is kept.
     small = TTSRuntime(max_audio_bytes=1024)
     with pytest.raises(PermanentRuntimeError, match="more than 1024 bytes"):
@@ -845,9 +842,4 @@ def test_remote_details_a_deployment_gets_wrong_are_handled(
     moved = remote("transcription", loop.url, transcriptions_path="/inference")
     with pytest.raises(PermanentRuntimeError, match="does not serve"):
         transcribe(media["sentence"], tmp_path / "c", target=moved)
-    # The server notes a request once it has answered it: wait for the note, not for luck.
-    until(
-        "the loopback to note the /inference request",
-        lambda: any(r["path"] == "/inference" for r in loop.state()["requests"]),
-        timeout_s=10,
-    )
+    assert loop.state()["requests"][-1]["path"] == "/inference"

@@ -475,6 +475,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
+        # Noted before the answer goes out, so that a client that has its answer can read the
+        # note at once.
+        pending: dict[str, Any] | None = getattr(self, "_pending", None)
+        if pending is not None:
+            pending["status"] = status
+            self.server.loopback.record(pending)
+            self._pending = None
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -526,6 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
         loop = self.server.loopback
         path = urlsplit(self.path).path
         entry: dict[str, Any] = {"method": method, "path": path, "fields": {}, "files": {}}
+        self._pending = None if path.startswith("/_loopback/") else entry
         try:
             if path.startswith("/_loopback/"):
                 self._control(method, path)
@@ -572,8 +580,9 @@ class _Handler(BaseHTTPRequestHandler):
             entry["status"] = 500
             self._answer_error(ApiError(500, type(exc).__name__, type_="server_error"))
         finally:
-            if not path.startswith("/_loopback/"):
+            if self._pending is not None:  # no answer was sent (the client went away)
                 loop.record(entry)
+                self._pending = None
 
     def _answer_error(self, error: ApiError) -> None:
         try:
