@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
@@ -33,12 +33,9 @@ from ergot_dagster.errors import (
     TransientRuntimeError,
 )
 from ergot_dagster.media.hashing import CHUNK
+from ergot_dagster.resources.http import MAX_QUOTED_CHARS, MIN_SECRET_CHARS, DeadlineFile, scrub
 from ergot_dagster.targets.model import RuntimeTarget
 
-_MAX_QUOTED_CHARS = 300
-# A credential shorter than this is not scrubbed: replacing a two-letter token everywhere would
-# garble the message and protect nothing.
-_MIN_SECRET_CHARS = 4
 _BLIP_STATUSES = frozenset({408, 425, 429})
 
 
@@ -95,11 +92,11 @@ def endpoint_secrets(endpoint: str, headers: dict[str, str]) -> tuple[str, ...]:
     found: set[str] = set()
     for value in headers.values():
         for candidate in (value, value.split(" ", 1)[-1]):
-            if len(candidate) >= _MIN_SECRET_CHARS:
+            if len(candidate) >= MIN_SECRET_CHARS:
                 found.add(candidate)
     parts = urlsplit(endpoint)
     for candidate in (parts.password, unquote(parts.password or "")):
-        if candidate and len(candidate) >= _MIN_SECRET_CHARS:
+        if candidate and len(candidate) >= MIN_SECRET_CHARS:
             found.add(candidate)
     _, with_basic = connection(endpoint, {})
     basic = with_basic.get("Authorization")
@@ -107,14 +104,6 @@ def endpoint_secrets(endpoint: str, headers: dict[str, str]) -> tuple[str, ...]:
         found.update({basic, basic.split(" ", 1)[-1]})
     # Longest first, so that "Bearer xyz" is replaced whole before "xyz" is.
     return tuple(sorted(found, key=len, reverse=True))
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without credentials, on one line, short enough to quote."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -136,31 +125,10 @@ class Answer:
             return None
 
 
-class _DeadlineFile:
-    """A file for httpx's multipart encoder that stops the upload at the stage deadline.
+class _DeadlineFile(DeadlineFile):
+    """A file for httpx's multipart encoder that stops the upload at the stage deadline."""
 
-    httpx bounds each socket write, not the whole upload, so a server reading slowly enough would
-    otherwise keep a large upload going past the deadline.
-    """
-
-    def __init__(self, handle: BinaryIO, deadline: float) -> None:
-        self._handle = handle
-        self._deadline = deadline
-
-    def fileno(self) -> int:
-        # httpx sizes the part from the descriptor, so the request gets a Content-Length.
-        return self._handle.fileno()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._handle.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def read(self, size: int = -1) -> bytes:
-        if time.monotonic() > self._deadline:
-            raise DeadlineReached
-        return self._handle.read(size)
+    expired = DeadlineReached
 
 
 class ComfyClient:
@@ -287,7 +255,7 @@ class ComfyClient:
     def describe(self, answer: Answer) -> str:
         """`404: the start of the body`, scrubbed."""
         detail = str(answer.status)
-        snippet = answer.body[: _MAX_QUOTED_CHARS * 2].decode("utf-8", "replace").strip()
+        snippet = answer.body[: MAX_QUOTED_CHARS * 2].decode("utf-8", "replace").strip()
         if snippet:
             detail += f": {self.clean(snippet)}"
         return detail
@@ -349,7 +317,7 @@ class ComfyClient:
                     head = bytearray()
                     for chunk in response.iter_bytes():
                         head += chunk
-                        if len(head) > _MAX_QUOTED_CHARS * 4:
+                        if len(head) > MAX_QUOTED_CHARS * 4:
                             break
                     answer = Answer(response.status_code, response.headers, bytes(head))
                     if response.status_code == 404:

@@ -26,7 +26,9 @@ from ergot_dagster.errors import (
     RuntimeTimeoutError,
     TransientRuntimeError,
 )
+from ergot_dagster.resources import http
 from ergot_dagster.resources.face_embedding.model import EmbedAnswer, RemoteOptions, problems
+from ergot_dagster.resources.http import MAX_QUOTED_CHARS, scrub, secrets_of
 from ergot_dagster.targets.model import RuntimeTarget
 
 EMBED_PATH = "/v1/faces:embed"
@@ -34,31 +36,11 @@ HEALTH_PATH = "/health"
 # A thousand faces of 8192 floats is about 100 MiB of JSON; a real answer is far smaller, and
 # anything larger is not a face embedding answer.
 MAX_ANSWER_BYTES = 32 << 20
-_MAX_QUOTED_CHARS = 300
-_MIN_SECRET_CHARS = 4
 _BLIP_STATUSES = frozenset({408, 429})
 
 
 class SessionDeadline(Exception):
     """The stage's deadline passed during a call; the caller knows what it was waiting for."""
-
-
-def secrets_of(headers: dict[str, str]) -> tuple[str, ...]:
-    """Every form in which the credential could be quoted back: header value and bare token."""
-    found: set[str] = set()
-    for value in headers.values():
-        for candidate in (value, value.split(" ", 1)[-1]):
-            if len(candidate) >= _MIN_SECRET_CHARS:
-                found.add(candidate)
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without any credential, on one line, short enough to quote."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
 
 
 class _DeadlineReader:
@@ -89,19 +71,8 @@ class _DeadlineReader:
 
 
 @dataclass(frozen=True)
-class Answer:
-    """An HTTP answer read in full (bounded)."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    def json_object(self) -> dict[str, Any] | None:
-        try:
-            value = json.loads(self.body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
+class Answer(http.Answer):
+    """An HTTP answer read in full (bounded), described in the embedding service's terms."""
 
     def describe(self, secrets: tuple[str, ...]) -> str:
         """`400 invalid_image: cannot decode (field 'image')`, or the start of a foreign body."""
@@ -114,7 +85,7 @@ class Answer:
                 if value not in (None, ""):
                     detail += form.format(scrub(str(value), secrets))
         elif self.body:
-            snippet = scrub(self.body[:_MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
+            snippet = scrub(self.body[:MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
             if snippet:
                 detail += f": {snippet}"
         return detail

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -43,6 +43,10 @@ from ergot_dagster.errors import (
     TransientRuntimeError,
 )
 from ergot_dagster.media.hashing import CHUNK
+from ergot_dagster.resources.http import MAX_QUOTED_CHARS, DeadlineFile
+from ergot_dagster.resources.http import Answer as _Answer
+from ergot_dagster.resources.http import scrub as _scrub
+from ergot_dagster.resources.http import secrets_of as _secrets
 from ergot_dagster.resources.runtime import (
     DeadlinePassed,
     HealthReport,
@@ -65,30 +69,10 @@ _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # JSON answers are small; a server (or a proxy in front of it) sending more is not speaking the
 # protocol, and reading it all would only cost memory.
 _MAX_ANSWER_BYTES = 1 << 20
-_MAX_QUOTED_CHARS = 300
-# Secrets shorter than this are not scrubbed from messages: replacing a two-letter "token"
-# everywhere would garble the message and protect nothing.
-_MIN_SECRET_CHARS = 4
 
 
 class _DeadlinePassed(Exception):
     """The stage's overall deadline passed; the caller knows what was running and says so."""
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """An HTTP answer read in full (bounded in size and time)."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    def json_object(self) -> dict[str, Any] | None:
-        try:
-            value = json.loads(self.body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -125,39 +109,10 @@ class _Session:
         )
 
 
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without any credential in it, shortened to something a message can quote."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
+class _DeadlineReader(DeadlineFile):
+    """An input file whose upload stops at the stage deadline."""
 
-
-class _DeadlineReader:
-    """An input file for httpx's multipart encoder that stops the upload at the stage deadline.
-
-    httpx bounds each socket write, not the whole upload; a server that reads slowly enough could
-    otherwise keep a large upload going past the deadline.
-    """
-
-    def __init__(self, handle: BinaryIO, deadline: float) -> None:
-        self._handle = handle
-        self._deadline = deadline
-
-    def fileno(self) -> int:
-        # httpx sizes the part from the file descriptor, so the request gets a Content-Length.
-        return self._handle.fileno()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._handle.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def read(self, size: int = -1) -> bytes:
-        if time.monotonic() > self._deadline:
-            raise _DeadlinePassed
-        return self._handle.read(size)
+    expired = _DeadlinePassed
 
 
 @contextlib.contextmanager
@@ -206,7 +161,7 @@ def _describe(answer: _Answer, secrets: tuple[str, ...]) -> str:
     if message:
         detail += f": {_scrub(message, secrets)}"
     elif code is None and answer.body:
-        snippet = _scrub(answer.body[:_MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
+        snippet = _scrub(answer.body[:MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
         if snippet:
             detail += f": {snippet}"
     if field:
@@ -254,17 +209,6 @@ def _fraction(value: object) -> float | None:
     if not math.isfinite(value):
         return None
     return min(1.0, max(0.0, float(value)))
-
-
-def _secrets(headers: dict[str, str]) -> tuple[str, ...]:
-    """Every form in which the credential could show up: the header value and the bare token."""
-    found: set[str] = set()
-    for value in headers.values():
-        for candidate in (value, value.split(" ", 1)[-1]):
-            if len(candidate) >= _MIN_SECRET_CHARS:
-                found.add(candidate)
-    # Longest first, so that "Bearer xyz" is replaced whole before "xyz" is.
-    return tuple(sorted(found, key=len, reverse=True))
 
 
 def _files_of(bound: StageFile | list[StageFile]) -> list[StageFile]:
@@ -662,7 +606,7 @@ class StudioRuntime(JobRuntime):
                         head = bytearray()
                         for chunk in response.iter_bytes():
                             head += chunk
-                            if len(head) > _MAX_QUOTED_CHARS * 4:
+                            if len(head) > MAX_QUOTED_CHARS * 4:
                                 break
                         answer = _Answer(response.status_code, response.headers, bytes(head))
                         if response.status_code == 404:

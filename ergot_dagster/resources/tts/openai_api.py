@@ -15,14 +15,13 @@ and the server's text is scrubbed before it is quoted.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
 
@@ -33,6 +32,8 @@ from ergot_dagster.errors import (
     TransientRuntimeError,
 )
 from ergot_dagster.media.hashing import CHUNK
+from ergot_dagster.resources import http
+from ergot_dagster.resources.http import MAX_QUOTED_CHARS, Answer, scrub, secrets_of
 from ergot_dagster.resources.runtime import HealthReport
 from ergot_dagster.targets.model import RuntimeTarget
 
@@ -45,8 +46,6 @@ HEALTH_PATHS = ("/health", "/v1/models")
 
 _BLIP_STATUSES = frozenset({408, 429})
 _MAX_ERROR_BYTES = 64 * 1024
-_MAX_QUOTED_CHARS = 300
-_MIN_SECRET_CHARS = 4
 
 
 def api_base(endpoint: str) -> str:
@@ -59,49 +58,10 @@ class DeadlineReached(Exception):
     """The stage's deadline passed during a call; the caller decides what that means."""
 
 
-class DeadlineFile:
-    """A file to upload that stops the upload at the stage deadline.
+class DeadlineFile(http.DeadlineFile):
+    """A file to upload that stops the upload at the stage deadline."""
 
-    httpx bounds each socket write, not the whole upload: a server reading slowly enough could
-    otherwise keep a long recording's upload going past the deadline.
-    """
-
-    def __init__(self, handle: BinaryIO, deadline: float) -> None:
-        self._handle = handle
-        self._deadline = deadline
-
-    def fileno(self) -> int:
-        # httpx sizes the part from the descriptor, so the request carries a Content-Length.
-        return self._handle.fileno()
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._handle.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def read(self, size: int = -1) -> bytes:
-        if time.monotonic() > self._deadline:
-            raise DeadlineReached
-        return self._handle.read(size)
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """`text` without any credential in it, on one line, short enough to quote in a message."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_QUOTED_CHARS else text[: _MAX_QUOTED_CHARS - 3] + "..."
-
-
-def secrets_of(headers: dict[str, str]) -> tuple[str, ...]:
-    """Every form in which a credential header could show up: the whole value and its token."""
-    found: set[str] = set()
-    for value in headers.values():
-        for candidate in (value, value.split(" ", 1)[-1]):
-            if len(candidate) >= _MIN_SECRET_CHARS:
-                found.add(candidate)
-    return tuple(sorted(found, key=len, reverse=True))
+    expired = DeadlineReached
 
 
 def auth_headers(target: RuntimeTarget) -> dict[str, str]:
@@ -112,22 +72,6 @@ def auth_headers(target: RuntimeTarget) -> dict[str, str]:
         raise PermanentRuntimeError(
             f"target {target.name}: the credential variable {target.auth.token_env} is not set"
         ) from None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A non-streamed answer: status, headers, and the body (bounded in size)."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    def json_object(self) -> dict[str, Any] | None:
-        try:
-            value = json.loads(self.body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
 
 
 def describe(answer: Answer, secrets: tuple[str, ...]) -> str:
@@ -156,7 +100,7 @@ def describe(answer: Answer, secrets: tuple[str, ...]) -> str:
             where = ".".join(str(p) for p in item[0].get("loc", []))
             item = f"{item[0].get('msg', '')} ({where})" if where else item[0].get("msg", "")
         return f"{detail}: {scrub(str(item), secrets)}"
-    snippet = scrub(answer.body[:_MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
+    snippet = scrub(answer.body[:MAX_QUOTED_CHARS].decode("utf-8", "replace"), secrets)
     return f"{detail}: {snippet}" if snippet else detail
 
 
