@@ -8,6 +8,7 @@ ERGOT_HOME ?= $(CURDIR)/.ergot
 DAGSTER_HOME ?= $(ERGOT_HOME)/dagster
 HOST ?= 127.0.0.1
 PORT ?= 3000
+COMFYUI_PORT ?= 8188
 export ERGOT_HOME DAGSTER_HOME
 
 .PHONY: setup system venv dev demo test lint bench clean
@@ -34,16 +35,22 @@ $(DAGSTER_HOME)/dagster.yaml:
 demo: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m ergot_dagster.demo
 
-# Started from ERGOT_HOME so that Dagster does not mistake the repository's dagster.yaml (the
-# template copied into DAGSTER_HOME) for the instance's own.
+# Dagster's webserver and daemon, plus a ComfyUI for the comfyui-local target: the one running
+# at 127.0.0.1:$(COMFYUI_PORT) if any, else the protocol stand-in (scripts/dev.sh says more).
 dev: demo
-	cd $(ERGOT_HOME) && $(CURDIR)/$(BIN)/dagster dev --host $(HOST) --port $(PORT) \
-		-w $(CURDIR)/workspace.yaml
+	@BIN=$(BIN) HOST=$(HOST) PORT=$(PORT) COMFYUI_PORT=$(COMFYUI_PORT) scripts/dev.sh
 
 test: setup
 	@scripts/ensure-postgres.sh
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# Benchmarks, run by hand: each prints its figures and rewrites its section of
+# docs/performance.md. `make bench BENCH_ARGS="batch --quick"` runs some, small; sizes also come
+# from ERGOT_BENCH_* variables (python -m bench --help).
+bench: setup
+	@scripts/ensure-postgres.sh
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -92,14 +92,18 @@ def _workflow_arguments(command: Any) -> Any:
     return command
 
 
-def _parse_inputs(pairs: tuple[str, ...]) -> dict[str, str]:
-    """`--input voice=artifact:...` -> {"voice": "artifact:..."}."""
-    inputs = {}
+def _parse_inputs(pairs: tuple[str, ...]) -> dict[str, str | list[str]]:
+    """`--input voice=artifact:...` -> {"voice": "artifact:..."}; a name given twice is a list."""
+    inputs: dict[str, str | list[str]] = {}
     for pair in pairs:
         name, sep, ref = pair.partition("=")
         if not sep:
             raise click.BadParameter(f"{pair!r} is not NAME=REF", param_hint="--input")
-        inputs[name] = ref
+        if name in inputs:
+            earlier = inputs[name]
+            inputs[name] = [*earlier, ref] if isinstance(earlier, list) else [earlier, ref]
+        else:
+            inputs[name] = ref
     return inputs
 
 
@@ -536,6 +540,51 @@ def retry(run_id: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("artifact_ref")
+@click.option("--library", required=True, help="the library, e.g. voices")
+@click.option("--name", required=True, help="the entry's name, e.g. narrator-01")
+@click.option("--note", default="", help="why it was promoted, for whoever reuses it")
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def promote(
+    artifact_ref: str, library: str, name: str, note: str, timeout_s: float, as_json: bool
+) -> None:
+    """Promote an artifact to a library entry that requests can name (library:LIBRARY/NAME)."""
+    try:
+        entry = _client().promote(
+            artifact_ref, library=library, name=name, note=note, timeout_s=timeout_s
+        )
+    except _client_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(entry)
+    else:
+        click.echo(f"{entry.ref}  ->  {entry.artifact}  {entry.media_type}  sha256 {entry.sha256}")
+
+
+@main.command()
+@click.argument("library", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def libraries(library: str | None, as_json: bool) -> None:
+    """List promoted library entries (of LIBRARY, if given)."""
+    try:
+        entries = _client().libraries(library)
+    except _client_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(entries)
+        return
+    if not entries:
+        click.echo("no library entries" + (f" in {library}" if library else ""))
+    for entry in entries:
+        promoted = entry.promoted_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{entry.ref:<40} {entry.media_type:<18} {entry.artifact}  promoted {promoted}"
+            + (f"  ({entry.note})" if entry.note else "")
+        )
+
+
+@main.command()
 @click.option("--workflow", help="`name` or `name@version`")
 @click.option("--status", "statuses", multiple=True, help="e.g. QUEUED, STARTED, FAILURE")
 @click.option("--source", "source_ref", help="a source ref")
@@ -676,17 +725,19 @@ def artifacts(run_id: str, presign: bool, expires: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def lineage(artifact_ref: str, as_json: bool) -> None:
     """Print an artifact's parents, down to the ingested source files and their sha256."""
-    from ergot_dagster.artifacts.lineage import render, store_manifests, walk
+    from ergot_dagster.artifacts.lineage import render, store_entries, store_manifests, walk
     from ergot_dagster.artifacts.store import open_store
     from ergot_dagster.refs import ref_to_partition_key
     from ergot_dagster.sources.record import latest_source_record
 
     settings = ErgotSettings.from_env()
     instance = _instance(settings)
+    store = open_store(settings.storage)
     tree = walk(
         artifact_ref,
-        store_manifests(open_store(settings.storage)),
+        store_manifests(store),
         lambda ref: latest_source_record(instance, ref_to_partition_key(ref)),
+        store_entries(store),
     )
     if as_json:
         _emit_json(tree)

@@ -140,3 +140,59 @@ def parse_artifact_ref(ref: str) -> tuple[str, str]:
 
 def is_artifact_ref(ref: str) -> bool:
     return ref.startswith(ARTIFACT_REF_PREFIX)
+
+
+LIBRARY_REF_PREFIX = "library:"
+_LIBRARY_REF = re.compile(
+    r"^library:(?P<library>[a-z][a-z0-9_-]{0,63})/(?P<name>[a-z0-9][a-z0-9._-]{0,127})$"
+)
+
+
+def library_ref(library: str, name: str) -> str:
+    """The ref of entry `name` in `library`, e.g. `library:voices/narrator-01`."""
+    ref = f"{LIBRARY_REF_PREFIX}{library}/{name}"
+    parse_library_ref(ref)
+    return ref
+
+
+def parse_library_ref(ref: str) -> tuple[str, str]:
+    """Split a library ref into (library, entry name), refusing anything malformed."""
+    match = _LIBRARY_REF.match(ref or "")
+    if not match or ".." in match.group("name"):
+        raise InvalidRefError(
+            f"{ref!r} is not a library ref; library refs look like 'library:<library>/<name>' "
+            "(lowercase letters, digits, '-', '_' and '.')"
+        )
+    return match.group("library"), match.group("name")
+
+
+def is_library_ref(ref: str) -> bool:
+    return ref.startswith(LIBRARY_REF_PREFIX)
+
+
+def ref_kind(ref: str) -> str:
+    """`artifact`, `library` or `source`: what a ref given as an input names."""
+    if is_artifact_ref(ref):
+        return "artifact"
+    if is_library_ref(ref):
+        return "library"
+    return "source"
+
+
+def validate_input_ref(ref: str) -> str:
+    """Return `ref` if it is a well-formed source, artifact or library ref, else raise."""
+    kind = ref_kind(ref)
+    if kind == "artifact":
+        parse_artifact_ref(ref)
+    elif kind == "library":
+        parse_library_ref(ref)
+    else:
+        validate_source_ref(ref)
+    return ref
+
+
+def expand_library_shorthand(ref: str, library: str | None) -> str:
+    """`voices/narrator-01` for an input that takes the `voices` library means its entry."""
+    if library and ref.startswith(f"{library}/") and ref.count("/") == 1:
+        return f"{LIBRARY_REF_PREFIX}{ref}"
+    return ref

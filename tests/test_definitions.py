@@ -26,7 +26,7 @@ def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) ->
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     registry = load_registry(plane_settings.workflow_defs)
-    expected_keys = {"ergot/source", "runtime/ffmpeg-local"} | {
+    expected_keys = {"ergot/source", "ergot/library", "runtime/ffmpeg-local"} | {
         f"{d.family}/{d.name}/{artifact}" for d in registry.all() for artifact in d.outputs
     }
     # Every other asset is an artifact of a loaded workflow or a runtime target.

@@ -526,7 +526,9 @@ def test_events_tell_the_story_of_a_run(plane: Plane) -> None:
     assert json.loads(status.tags[T.REQUEST])["context"] == {"histrio": {"scene": 4}}
     kinds = [e["ergot_event"] for e in plane.events(handle.run_id)]
     assert (
-        kinds[0] == "stage_started" and "stage_finished" in kinds and kinds[-1] == "artifact_stored"
+        kinds[:2] == ["run_placed", "stage_started"]
+        and "stage_finished" in kinds
+        and kinds[-1] == "artifact_stored"
     )
     assert "stage_progress" in kinds
     started = plane.events(handle.run_id, "stage_started")[0]
@@ -585,7 +587,9 @@ def test_runs_go_to_the_healthy_target_and_ergot_targets_says_which_is_down(plan
     health = {row["name"]: row["health"]["status"] for row in json.loads(listed.stdout)}
     # A consumer that knows only the URL sees the same: the dead target is skipped in planning.
     catalog = GraphQLCatalog(GraphQLTransport(plane.url))
-    assert catalog.unhealthy_targets() == {"studio-dead"}
+    # (comfyui-local, the root file's ComfyUI at 127.0.0.1:8188, is down here too: nothing runs
+    # there in the tests.)
+    assert catalog.unhealthy_targets() - {"comfyui-local"} == {"studio-dead"}
     declared = catalog.targets()
     assert declared is not None and declared.get("studio-dead") is not None
     assert {name: health[name] for name in ("ffmpeg-local", "studio-dead", "studio-loop")} == {

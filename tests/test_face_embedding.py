@@ -130,7 +130,7 @@ def stage_request(
     if media_type is None:
         media_type = {".png": "image/png", ".jpg": "image/jpeg", ".mp4": "video/mp4"}[source.suffix]
     return StageRequest(
-        workflow="vision/face_embedding@1",
+        workflow="histrio/face_embedding@1",
         stage=StageSpec(
             id="embed",
             runtime="face_embedding",
@@ -657,7 +657,7 @@ def test_the_example_targets_route_locally_and_remotely() -> None:
     from ergot_dagster.targets.routing import route
 
     definition = load_registry(PROJECT_ROOT / "workflow_defs").get("face_embedding")
-    assert definition.ref == "vision/face_embedding@1"
+    assert definition.ref == "histrio/face_embedding@1"
     root = load_targets(PROJECT_ROOT / "runtime_targets.yaml")
     assert route(definition, root)["face_embedding"].name == "face-local"
     examples = load_targets(
@@ -702,7 +702,7 @@ def test_the_workflow_materializes_faces_crops_and_embeddings_in_dagster(
     defs = build_definitions(settings)
     result = materialize(
         build_assets(registry),
-        selection=[AssetKey(["vision", "face_embedding", n]) for n in definition.outputs],
+        selection=[AssetKey(["histrio", "face_embedding", n]) for n in definition.outputs],
         partition_key=ref_to_partition_key("people/astronaut.png"),
         instance=instance,
         resources=defs.resources,

@@ -42,7 +42,11 @@ from ergot_dagster.resources.tts.adapter import TTSRuntime
 from ergot_dagster.resources.voice_prompt.adapter import VoicePromptRuntime
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
 from ergot_dagster.sources.ingest import ingest_refs
-from ergot_dagster.sources.record import latest_source_record, record_sources
+from ergot_dagster.sources.record import (
+    SOURCE_PARTITIONS_NAME,
+    latest_source_record,
+    record_sources,
+)
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.model import StageSpec
@@ -695,19 +699,27 @@ class SpeechPlane:
         record_sources(self.instance, [o.record for o in outcomes if o.recorded and o.record])
 
     def run(
-        self, workflow: str, ref: str, settings: dict[str, Any] | None = None, **tags: str
+        self,
+        workflow: str,
+        ref: str,
+        settings: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **tags: str,
     ) -> Any:
         from dagster import AssetKey
 
         definition = self.registry.get(workflow)
         keys = [AssetKey([definition.family, definition.name, n]) for n in definition.outputs]
+        key = ref_to_partition_key(ref)
+        # An artifact as the primary input is a partition of its own (planning adds it too).
+        self.instance.add_dynamic_partitions(SOURCE_PARTITIONS_NAME, [key])
         result = materialize(
             self.assets,
             selection=keys,
-            partition_key=ref_to_partition_key(ref),
+            partition_key=key,
             instance=self.instance,
             resources=self.defs.resources,
-            run_config=run_config_for(definition, settings),
+            run_config=run_config_for(definition, settings, inputs),
             tags=tags or None,
             raise_on_error=False,
         )
@@ -778,8 +790,8 @@ def test_speech_workflows_end_to_end(
     assert artifacts["transcript"].runtime.target == "transcription-local"
     assert [p.ref for p in artifacts["transcript"].parents] == [ref]
 
-    # extract_voice_prompt: the clip (voice_prompt runtime), then its transcript (transcription).
-    result = plane.run("extract_voice_prompt", ref, {"target_s": 5, "min_s": 2, "max_s": 10})
+    # voice_prompt_extraction: the clip (voice_prompt runtime), then its transcript.
+    result = plane.run("voice_prompt_extraction", ref, {"target_s": 5, "min_s": 2, "max_s": 10})
     prompt = plane.artifacts(result)
     assert set(prompt) == {"clip", "transcript", "report"}
     report = json.loads(plane.path(prompt["report"]).read_text())
@@ -789,20 +801,29 @@ def test_speech_workflows_end_to_end(
     assert [p.ref for p in prompt["transcript"].parents] == [prompt["clip"].ref]
     assert prompt["clip"].runtime.target == "voice-prompt-local"
 
-    # synthesize_speech on the local engine: the source's voice prompt is found, and the run
-    # says plainly that piper did not clone it.
-    result = plane.run("synthesize_speech", ref, {"text": SENTENCE})
+    # tts_synthesis in the voice of that clip, on the local engine: the run says plainly that
+    # piper did not clone it. The clip's ref is the run's partition.
+    voice = prompt["clip"].ref
+    inputs = {"voice_transcript": prompt["transcript"].ref}
+    result = plane.run("tts_synthesis", voice, {"text": SENTENCE}, inputs=inputs)
     speech = plane.artifacts(result)["speech"]
-    assert speech.runtime.target == "tts-local"
+    assert speech.runtime.target == "tts-local" and speech.source_ref == voice
     assert (probe(plane.path(speech)).duration_s or 0) > 1.5
     finished = plane.stage_events(result, "stage_finished")
     assert finished[0]["cloning"] == "not supported by piper; the voice prompt was ignored"
-    assert {p.ref for p in speech.parents} >= {prompt["clip"].ref, prompt["transcript"].ref}
+    assert [(p.kind, p.ref, p.input) for p in speech.parents] == [
+        ("artifact", prompt["clip"].ref, "voice"),
+        ("artifact", prompt["transcript"].ref, "voice_transcript"),
+    ]
 
-    # synthesize_speech on the OpenAI-style target: the voice prompt and its transcript go up.
+    # On the OpenAI-style target: the voice prompt and its transcript go up.
     before = len(server.state()["clone_requests"])
     result = plane.run(
-        "synthesize_speech", ref, {"text": "Hello again."}, **{"ergot/execution_target": "tts-api"}
+        "tts_synthesis",
+        voice,
+        {"text": "Hello again."},
+        inputs=inputs,
+        **{"ergot/execution_target": "tts-api"},
     )
     speech = plane.artifacts(result)["speech"]
     assert speech.runtime.target == "tts-api"

@@ -15,11 +15,11 @@ MANIFEST_VERSION = 1
 
 
 class ParentRef(BaseModel):
-    """Something an artifact was derived from: an ingested source file or another artifact."""
+    """What an artifact came from: an ingested source, another artifact or a library entry."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["source", "artifact"]
+    kind: Literal["source", "artifact", "library"]
     ref: str
     sha256: str
     input: str | None = Field(default=None, description="the workflow input it was bound to")
@@ -52,6 +52,23 @@ class SetMember(BaseModel):
     uri: str
 
 
+class ExecutedBy(BaseModel):
+    """Where the step that made an artifact executed: the machine (or pod) and process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(description="the host name of the machine that ran the step")
+    pid: int = Field(description="the run worker's process id on that host")
+    launcher: Literal["local", "remote", "kubernetes", "in_process"] = Field(
+        description="local: a run worker on the control node; remote: started by a remote code "
+        "server; kubernetes: a Job's pod; in_process: `ergot run` or a test, no launcher"
+    )
+    code_server: str | None = Field(
+        default=None, description="host:port of the remote code server that started the run"
+    )
+    pod: str | None = Field(default=None, description="the Kubernetes pod, under Kubernetes")
+
+
 class ArtifactManifest(BaseModel):
     """An immutable record of one stored artifact."""
 
@@ -73,3 +90,6 @@ class ArtifactManifest(BaseModel):
     stage: str | None = None
     members: list[SetMember] = Field(default_factory=list)
     created_at: datetime
+    executed_by: ExecutedBy | None = Field(
+        default=None, description="where the step that made it ran; absent before contract 1.4.0"
+    )

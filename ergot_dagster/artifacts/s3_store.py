@@ -533,6 +533,49 @@ class S3ArtifactStore(ArtifactStore):
             raise StoreError(f"no artifact {ref} in the store at {self.location.url}")
         return ArtifactManifest.model_validate_json(body)
 
+    def _create_record(self, relative: str, body: bytes) -> bytes | None:
+        _check_relative(relative, "a record")
+        key = self.location.key(relative)
+        what = f"writing {self.location.uri(key)}"
+        existing = self._get_small(key, what)
+        if existing is not None:
+            return existing
+        checksum = base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+        created = self._create(
+            lambda: self._client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/json",
+                ChecksumSHA256=checksum,
+            ),
+            what,
+        )
+        if created:
+            return None
+        return self._get_small(key, what) or b""
+
+    def _read_record(self, relative: str) -> bytes | None:
+        _check_relative(relative, "a record")
+        key = self.location.key(relative)
+        return self._get_small(key, f"reading {self.location.uri(key)}")
+
+    def _list_records(self, folder: str) -> list[bytes]:
+        _check_relative(folder, "a folder")
+        prefix = self.location.key(folder) + "/"
+        what = f"listing {self.location.uri(prefix)}"
+        keys: list[str] = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
+        except storage_errors() as exc:
+            raise translate(exc, what) from None
+        bodies = [self._get_small(key, what) for key in sorted(keys)]
+        return [b for b in bodies if b is not None]
+
     def list_run(self, run_id: str) -> list[ArtifactManifest]:
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise StoreError(f"{run_id!r} is not a run id")

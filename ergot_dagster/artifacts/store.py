@@ -31,10 +31,11 @@ from urllib.parse import quote, unquote, urlparse
 
 from pydantic import BaseModel
 
+from ergot_dagster.artifacts.library import LibraryEntry, entry_relative_path
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.errors import StoreError
 from ergot_dagster.media.hashing import CHUNK
-from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
+from ergot_dagster.refs import InvalidRefError, parse_artifact_ref, parse_library_ref
 from ergot_dagster.settings import ErgotSettings
 
 _EXTENSIONS = {
@@ -53,6 +54,8 @@ _EXTENSIONS = {
     "text/plain": ".txt",
     "text/vtt": ".vtt",
     "application/x-subrip": ".srt",
+    "model/x-ply": ".ply",
+    "application/zip": ".zip",
 }
 
 
@@ -127,6 +130,55 @@ class ArtifactStore(ABC):
     @abstractmethod
     def _local_scratch_root(self) -> Path:
         """The local directory that scratch and fetched files go under."""
+
+    # -- small records written once (library entries) -------------------------------------
+
+    @abstractmethod
+    def _create_record(self, relative: str, body: bytes) -> bytes | None:
+        """Write `body` at `relative` unless something is there: None if written, else what is."""
+
+    @abstractmethod
+    def _read_record(self, relative: str) -> bytes | None:
+        """The record at `relative`, or None."""
+
+    @abstractmethod
+    def _list_records(self, folder: str) -> list[bytes]:
+        """Every record directly under `folder` (relative), in name order."""
+
+    def put_library_entry(self, entry: LibraryEntry) -> LibraryEntry:
+        """Record `entry` unless its name is taken; the entry that holds the name is returned.
+
+        A name already promoted with the same artifact returns the stored entry (a repeat); one
+        promoted with another artifact raises `StoreError`: entries are immutable.
+        """
+        relative = entry_relative_path(entry.ref)
+        existing = self._create_record(relative, entry.model_dump_json(indent=2).encode())
+        if existing is None:
+            return entry
+        stored = LibraryEntry.model_validate_json(existing)
+        if not stored.same_promotion(entry):
+            raise StoreError(
+                f"{entry.ref} already names {stored.artifact} (sha256 {stored.sha256[:12]}); "
+                "library entries are immutable, promote under another name"
+            )
+        return stored
+
+    def get_library_entry(self, ref: str) -> LibraryEntry | None:
+        """The entry `ref` names, or None if nothing was promoted under it."""
+        try:
+            relative = entry_relative_path(ref)
+        except InvalidRefError as exc:
+            raise StoreError(str(exc)) from exc
+        body = self._read_record(relative)
+        return None if body is None else LibraryEntry.model_validate_json(body)
+
+    def list_library(self, library: str) -> list[LibraryEntry]:
+        """Every entry of `library`, by name."""
+        parse_library_ref(f"library:{library}/x")  # refuses a malformed library name
+        return [
+            LibraryEntry.model_validate_json(body)
+            for body in self._list_records(f"library/{library}")
+        ]
 
     def presigned_url(self, uri: str, expires_s: int = 3600) -> str:
         """A URL anyone holding it can GET the bytes at `uri` from, for `expires_s` seconds."""
@@ -260,6 +312,43 @@ class LocalArtifactStore(ArtifactStore):
             ArtifactManifest.model_validate_json(p.read_bytes())
             for p in sorted(folder.glob("*.json"))
         ]
+
+    # -- records -------------------------------------------------------------------------
+
+    def _record_path(self, relative: str) -> Path:
+        path = self.root.joinpath(*relative.split("/"))
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise StoreError(f"{relative!r} is outside the artifact store")
+        return path
+
+    def _create_record(self, relative: str, body: bytes) -> bytes | None:
+        final = self._record_path(relative)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.root / "tmp" / f"record-{uuid.uuid4().hex}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(staged, "wb") as dst:
+                dst.write(body)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.chmod(staged, 0o444)
+            try:
+                _link_no_replace(staged, final, exist_ok=False)
+            except FileExistsError:
+                return final.read_bytes()
+            return None
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _read_record(self, relative: str) -> bytes | None:
+        path = self._record_path(relative)
+        return path.read_bytes() if path.is_file() else None
+
+    def _list_records(self, folder: str) -> list[bytes]:
+        path = self._record_path(folder)
+        if not path.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(path.glob("*.json"))]
 
     # -- scratch ---------------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ with ErgotClient("http://127.0.0.1:3000") as plane:
     status = plane.wait(handle.run_id, timeout_s=600)
 """
 
+from ergot_dagster.artifacts.library import LibraryEntry
+from ergot_dagster.artifacts.lineage import LineageNode
+from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.client.client import ErgotClient
 from ergot_dagster.client.errors import (
     ArtifactIntegrityError,
@@ -15,12 +18,15 @@ from ergot_dagster.client.errors import (
     ClientError,
     InvalidSettingsError,
     LaunchError,
+    LibraryConflictError,
+    PromotionError,
     RequestConflictError,
     RequestRejectedError,
     RetryRefusedError,
     ServerUnreachableError,
     SourceNotFoundError,
     UnknownArtifactError,
+    UnknownLibraryEntryError,
     UnknownRunError,
     UnknownWorkflowError,
 )
@@ -40,6 +46,7 @@ from ergot_dagster.requests.model import ProcessingRequest
 __all__ = [
     "CONTRACT_VERSION",
     "ArtifactIntegrityError",
+    "ArtifactManifest",
     "ArtifactOutcome",
     "ArtifactUnreachableError",
     "ClientError",
@@ -48,7 +55,11 @@ __all__ = [
     "InboxOutcome",
     "InvalidSettingsError",
     "LaunchError",
+    "LibraryConflictError",
+    "LibraryEntry",
+    "LineageNode",
     "ProcessingRequest",
+    "PromotionError",
     "RequestConflictError",
     "RequestRejectedError",
     "RetryRefusedError",
@@ -60,6 +71,7 @@ __all__ = [
     "ServerUnreachableError",
     "SourceNotFoundError",
     "UnknownArtifactError",
+    "UnknownLibraryEntryError",
     "UnknownRunError",
     "UnknownWorkflowError",
 ]

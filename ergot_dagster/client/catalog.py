@@ -5,6 +5,8 @@ workflow asset; source records from the materializations of `ergot/source`; arti
 from the materializations of the run that stored them. So a consumer plans a request (and gets
 its mistakes named) with nothing but the plane's URL, exactly as a machine of the plane would.
 
+Library entries come from the materializations of `ergot/library` (one per promotion).
+
 Runtime targets come from the declarations on the observable assets `runtime/<target>`, and
 their health from those assets' newest observations, so a request no target can serve is refused
 here, naming what each target lacked, before any run exists. The run queue routes every run again
@@ -16,12 +18,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ergot_dagster.artifacts.library import LibraryEntry
 from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.assets.library import ENTRY_METADATA_KEY, LIBRARY_KEY
 from ergot_dagster.client import queries as Q
 from ergot_dagster.client.graphql import GraphQLTransport, metadata_values
 from ergot_dagster.errors import UnknownWorkflowError
 from ergot_dagster.orchestration.tags import PARTITION as PARTITION_TAG
-from ergot_dagster.refs import parse_artifact_ref, ref_to_partition_key
+from ergot_dagster.refs import parse_artifact_ref, parse_library_ref, ref_to_partition_key
 from ergot_dagster.sources.record import SourceRecord
 from ergot_dagster.targets.config import TargetsConfig
 from ergot_dagster.targets.health import HEALTH_PREFIX, RECORD_KEY, TargetHealth, max_age_s
@@ -33,6 +37,8 @@ from ergot_dagster.workflows.registry import WorkflowRegistry
 # Published versions never change, but a reload of the code location can add one: the list of
 # workflows is looked up again after this long.
 REGISTRY_TTL_S = 30.0
+# Promotions read when listing libraries (each is one materialization of `ergot/library`).
+MAX_LISTED_PROMOTIONS = 10_000
 
 
 def _workflow_keys(asset_keys: list[list[str]]) -> dict[str, list[str]]:
@@ -133,6 +139,32 @@ class GraphQLCatalog:
             if asset["__typename"] == "Asset":
                 return _manifest_with_ref(asset["assetMaterializations"], ref)
         return None
+
+    def _entries(self, partitions: list[str] | None, limit: int) -> list[LibraryEntry]:
+        result = self._gql.execute(
+            Q.ASSET_MATERIALIZATIONS,
+            {"key": {"path": LIBRARY_KEY.path}, "partitions": partitions, "limit": limit},
+        )["assetOrError"]
+        if result["__typename"] != "Asset":
+            return []
+        entries: dict[str, LibraryEntry] = {}
+        for materialization in result["assetMaterializations"]:
+            body = metadata_values(materialization["metadataEntries"]).get(ENTRY_METADATA_KEY)
+            if body is not None:
+                entry = LibraryEntry.model_validate(body)
+                # Newest first; an entry never changes, so the first seen of a name is it.
+                entries.setdefault(entry.ref, entry)
+        return sorted(entries.values(), key=lambda e: e.ref)
+
+    def library_entry(self, ref: str) -> LibraryEntry | None:
+        library, name = parse_library_ref(ref)
+        found = self._entries([f"{library}/{name}"], 1)
+        return found[0] if found else None
+
+    def library_entries(self, library: str | None = None) -> list[LibraryEntry]:
+        """Every promoted entry (of one library, if named), by ref."""
+        entries = self._entries(None, MAX_LISTED_PROMOTIONS)
+        return [e for e in entries if library is None or e.library == library]
 
     def _runtime_nodes(self) -> list[dict[str, Any]]:
         if time.monotonic() - self._targets_at > self._ttl_s:

@@ -23,8 +23,10 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
+from ergot_dagster.artifacts.library import LibraryEntry
 from ergot_dagster.artifacts.lineage import LineageNode, walk
 from ergot_dagster.artifacts.manifest import ArtifactManifest
+from ergot_dagster.assets.library import LIBRARY_KEY, LIBRARY_OP, LIBRARY_PARTITIONS_NAME
 from ergot_dagster.client import queries as Q
 from ergot_dagster.client.catalog import GraphQLCatalog
 from ergot_dagster.client.errors import (
@@ -33,11 +35,14 @@ from ergot_dagster.client.errors import (
     ClientError,
     InvalidSettingsError,
     LaunchError,
+    LibraryConflictError,
+    PromotionError,
     RequestConflictError,
     RequestRejectedError,
     RetryRefusedError,
     SourceNotFoundError,
     UnknownArtifactError,
+    UnknownLibraryEntryError,
     UnknownRunError,
     UnknownWorkflowError,
 )
@@ -63,9 +68,17 @@ from ergot_dagster.errors import (
     UnknownWorkflowError as PlaneUnknownWorkflowError,
 )
 from ergot_dagster.orchestration import tags as T
-from ergot_dagster.refs import InvalidRefError, parse_artifact_ref
+from ergot_dagster.refs import (
+    LIBRARY_REF_PREFIX,
+    InvalidRefError,
+    is_library_ref,
+    library_ref,
+    parse_artifact_ref,
+    parse_library_ref,
+)
 from ergot_dagster.requests.model import ProcessingRequest
-from ergot_dagster.requests.planning import RequestCatalog, RunPlan, plan_run
+from ergot_dagster.requests.planning import ASSET_JOB, RequestCatalog, RunPlan, plan_run
+from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME
 
 WILL_RETRY = "dagster/will_retry"
 LOCATION = "ergot"
@@ -143,7 +156,8 @@ class ErgotClient:
         repository: str = REPOSITORY,
     ) -> None:
         self._gql = GraphQLTransport(base_url, timeout_s=timeout_s, headers=headers)
-        self._catalog: RequestCatalog = catalog or GraphQLCatalog(self._gql)
+        self._plane = GraphQLCatalog(self._gql)
+        self._catalog: RequestCatalog = catalog or self._plane
         self._location = location
         self._repository = repository
         self._http = httpx.Client(timeout=timeout_s)
@@ -382,8 +396,34 @@ class ErgotClient:
         # request id got there first; that run is this request's run.
         return self._accepted(request, self.launch(plan), existing=False)
 
+    def _add_partition(self, partitions_def: str, key: str) -> None:
+        """Make sure `key` is in the dynamic partition set `partitions_def` (idempotent)."""
+        result = self._gql.execute(
+            Q.ADD_PARTITION,
+            {
+                "selector": {
+                    "repositoryLocationName": self._location,
+                    "repositoryName": self._repository,
+                },
+                "partitionsDefName": partitions_def,
+                "partitionKey": key,
+            },
+        )["addDynamicPartition"]
+        if result["__typename"] not in (
+            "AddDynamicPartitionSuccess",
+            "DuplicateDynamicPartitionError",
+        ):
+            raise LaunchError(
+                f"Dagster did not add partition {key!r} to {partitions_def}: "
+                f"{result.get('message') or result['__typename']}"
+            )
+
     def launch(self, plan: RunPlan) -> RunStatus:
         """Launch a planned run through the queue, without looking for an earlier one first."""
+        if plan.new_partition:
+            # A workflow applied to a stored artifact or library entry: its ref is a partition
+            # of its own, which must exist before the run does.
+            self._add_partition(SOURCE_PARTITIONS_NAME, plan.partition_key)
         variables = launch_variables(plan, self._location, self._repository)
         result = self._gql.execute(Q.LAUNCH, variables)["launchRun"]
         if result["__typename"] == "LaunchRunSuccess":
@@ -506,10 +546,94 @@ class ErgotClient:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def lineage(self, ref: str) -> LineageNode:
-        """Artifact `ref`'s parents, walked down to the ingested sources with their sha256."""
+    # -- libraries -------------------------------------------------------------------------
+
+    def library_entry(self, ref: str) -> LibraryEntry:
+        """The entry `ref` names (`library:voices/narrator-01` or `voices/narrator-01`)."""
+        full = ref if is_library_ref(ref) else f"{LIBRARY_REF_PREFIX}{ref}"
         try:
-            return walk(ref, self._catalog.artifact, self._catalog.source)
+            parse_library_ref(full)
+        except InvalidRefError as exc:
+            raise UnknownLibraryEntryError(str(exc)) from None
+        entry = self._plane.library_entry(full)
+        if entry is None:
+            raise UnknownLibraryEntryError(f"nothing is promoted as {full}")
+        return entry
+
+    def libraries(self, library: str | None = None) -> list[LibraryEntry]:
+        """Every promoted entry, or those of `library`, by ref."""
+        return self._plane.library_entries(library)
+
+    def promote(
+        self,
+        artifact_ref: str,
+        *,
+        library: str,
+        name: str,
+        note: str = "",
+        timeout_s: float = 120.0,
+    ) -> LibraryEntry:
+        """Promote a stored artifact to `library:<library>/<name>`, for later requests to name.
+
+        The entry is immutable: promoting the same artifact under the same name again returns the
+        entry; another artifact under a taken name raises `LibraryConflictError`. The promotion
+        is a run of `ergot/library` on the plane, so its event log records it.
+        """
+        try:
+            ref = library_ref(library, name)
+        except InvalidRefError as exc:
+            raise PromotionError(str(exc)) from None
+        manifest = self.manifest(artifact_ref)
+        existing = self._plane.library_entry(ref)
+        if existing is not None:
+            if existing.artifact == manifest.ref and existing.sha256 == manifest.sha256:
+                return existing
+            raise LibraryConflictError(
+                f"{ref} already names {existing.artifact}; library entries are immutable"
+            )
+        key = f"{library}/{name}"
+        self._add_partition(LIBRARY_PARTITIONS_NAME, key)
+        variables = {
+            "params": {
+                "selector": {
+                    "repositoryLocationName": self._location,
+                    "repositoryName": self._repository,
+                    "jobName": ASSET_JOB,
+                    "assetSelection": [{"path": LIBRARY_KEY.path}],
+                },
+                "runConfigData": {
+                    "ops": {LIBRARY_OP: {"config": {"artifact": manifest.ref, "note": note}}}
+                },
+                "executionMetadata": {
+                    "tags": [
+                        {"key": T.PARTITION, "value": key},
+                        {"key": T.PROMOTION, "value": ref},
+                    ]
+                },
+            }
+        }
+        result = self._gql.execute(Q.LAUNCH, variables)["launchRun"]
+        if result["__typename"] != "LaunchRunSuccess":
+            raise PromotionError(f"Dagster did not launch the promotion: {_launch_detail(result)}")
+        status = self.wait(result["run"]["runId"], timeout_s)
+        entry = self._plane.library_entry(ref)
+        if status.status == "SUCCESS" and entry is not None:
+            return entry
+        reason = status.error.message if status.error else status.status
+        if entry is not None and entry.artifact != manifest.ref:
+            # Another promotion of the same name got there first.
+            raise LibraryConflictError(f"{ref} already names {entry.artifact}: {reason}")
+        raise PromotionError(f"promoting {manifest.ref} as {ref} failed: {reason}")
+
+    def lineage(self, ref: str) -> LineageNode:
+        """Artifact `ref`'s parents, walked down to the ingested sources with their sha256.
+
+        A library entry on the way is a node of its own, whose parent is the promoted artifact.
+        """
+        try:
+            return walk(
+                ref, self._catalog.artifact, self._catalog.source, self._catalog.library_entry
+            )
         except StoreError as exc:
             raise UnknownArtifactError(str(exc)) from None
         except InvalidRefError as exc:

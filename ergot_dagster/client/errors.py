@@ -57,3 +57,15 @@ class ArtifactIntegrityError(ClientError):
 
 class ArtifactUnreachableError(ClientError):
     """The artifact's bytes are not reachable from here (another host's disk, a private bucket)."""
+
+
+class UnknownLibraryEntryError(ClientError):
+    """Nothing is promoted under that library ref."""
+
+
+class PromotionError(ClientError):
+    """The plane refused or failed a promotion; the message says why."""
+
+
+class LibraryConflictError(PromotionError):
+    """The library name already names another artifact (entries are immutable)."""

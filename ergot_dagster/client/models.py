@@ -1,6 +1,6 @@
 """The consumer contract: what a consumer sends and gets back, as pydantic models.
 
-These models are the stable surface for Histrio and every other consumer. Their JSON Schemas are
+These models are the stable surface for every consumer of the plane. Their JSON Schemas are
 exported to `docs/contract/schemas/` (`python -m ergot_dagster.client.schemas --write`) and locked
 per `CONTRACT_VERSION` in `docs/contract/schemas.lock`: changing a model means changing the
 version, or the tests fail.
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ergot_dagster.requests.model import ProcessingRequest
 
-CONTRACT_VERSION = "1.2.0"
+CONTRACT_VERSION = "1.4.0"
 
 TERMINAL_STATUSES = ("SUCCESS", "FAILURE", "CANCELED")
 
@@ -133,8 +133,9 @@ class RunEvent(BaseModel):
     type: str = Field(description="Dagster's event type, e.g. STEP_START, ASSET_MATERIALIZATION")
     kind: str | None = Field(
         default=None,
-        description="the plane's own event kind (stage_started, stage_progress, stage_finished, "
-        "stage_failed, stage_reused, artifact_stored, artifact_reused, artifact_failed)",
+        description="the plane's own event kind (run_placed, stage_started, stage_progress, "
+        "stage_finished, stage_failed, stage_reused, artifact_stored, artifact_reused, "
+        "artifact_failed)",
     )
     level: str
     message: str

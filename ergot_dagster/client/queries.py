@@ -181,3 +181,20 @@ query RuntimeTargets($keys: [AssetKeyInput!]) {
 }"""
     + METADATA_FRAGMENT
 )
+
+ADD_PARTITION = """
+mutation AddPartition(
+  $selector: RepositorySelector!, $partitionsDefName: String!, $partitionKey: String!
+) {
+  addDynamicPartition(
+    repositorySelector: $selector
+    partitionsDefName: $partitionsDefName
+    partitionKey: $partitionKey
+  ) {
+    __typename
+    ... on AddDynamicPartitionSuccess { partitionsDefName partitionKey }
+    ... on DuplicateDynamicPartitionError { partitionsDefName partitionName }
+    ... on UnauthorizedError { message }
+    ... on PythonError { message }
+  }
+}"""

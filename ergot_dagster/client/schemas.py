@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from ergot_dagster.artifacts.library import LibraryEntry
 from ergot_dagster.artifacts.lineage import LineageNode
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.client import queries as Q
@@ -49,6 +50,7 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "EventPage": EventPage,
     "ArtifactManifest": ArtifactManifest,
     "LineageNode": LineageNode,
+    "LibraryEntry": LibraryEntry,
     "InboxOutcome": InboxOutcome,
 }
 
@@ -65,6 +67,7 @@ QUERY_NAMES = [
     "SOURCE_RECORD",
     "ASSET_MATERIALIZATIONS",
     "RUNTIME_TARGETS",
+    "ADD_PARTITION",
 ]
 
 

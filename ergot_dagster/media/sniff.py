@@ -34,6 +34,9 @@ _MAGIC = {
     "video/webm": lambda h: h.startswith(b"\x1a\x45\xdf\xa3"),
     # NumPy's .npy format (numpy.save): a magic string, then a version.
     "application/x-npy": lambda h: h.startswith(b"\x93NUMPY"),
+    # Point clouds (PLY, ASCII or binary) and zipped models (photogrammetry).
+    "model/x-ply": lambda h: h.startswith((b"ply\n", b"ply\r\n")),
+    "application/zip": lambda h: h.startswith(b"PK\x03\x04"),
 }
 
 

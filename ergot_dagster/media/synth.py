@@ -34,15 +34,24 @@ def _ffmpeg() -> str:
 
 
 def _run(args: list[str]) -> None:
+    """Run ffmpeg with `args`, whose last item is the output path.
+
+    ffmpeg writes to a hidden sibling that is renamed into place when complete: these files are
+    often made inside a watched ingest root, and a watcher must never see half a file.
+    """
+    path = Path(args[-1])
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     result = subprocess.run(
-        [_ffmpeg(), "-hide_banner", "-nostdin", "-y", "-loglevel", "error", *args],
+        [_ffmpeg(), "-hide_banner", "-nostdin", "-y", "-loglevel", "error", *args[:-1], str(partial)],
         capture_output=True,
         text=True,
         timeout=_GENERATE_TIMEOUT_S,
         check=False,
     )
     if result.returncode != 0:
+        partial.unlink(missing_ok=True)
         raise RuntimeError(f"ffmpeg failed to generate test media: {result.stderr.strip()}")
+    partial.replace(path)
 
 
 def _audio_source(
@@ -163,5 +172,7 @@ def make_corrupt(path: Path, size: int = 64 * 1024, seed: int = 7) -> Path:
     """Random bytes under a media suffix: what a truncated upload or a wrong file looks like."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(random.Random(seed).randbytes(size))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(random.Random(seed).randbytes(size))
+    partial.replace(path)
     return path

@@ -8,6 +8,7 @@ WORKFLOW_NAME = "ergot/workflow_name"  # name alone, to list a workflow's runs a
 SOURCE_REF = "ergot/source_ref"
 EXECUTION_TARGET = "ergot/execution_target"
 WORKER = "ergot/worker"  # run id@host:pid:start ticks of the process running the step
+PROMOTION = "ergot/promotion"  # the library ref a promotion run records
 
 # Dagster's own.
 PARTITION = "dagster/partition"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dagster import DagsterInstance
 
+from ergot_dagster.artifacts.library import LibraryEntry
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import StoreError
@@ -39,6 +40,12 @@ class LocalCatalog:
     def artifact(self, ref: str) -> ArtifactManifest | None:
         try:
             return self._store.get_manifest(ref)
+        except StoreError:
+            return None
+
+    def library_entry(self, ref: str) -> LibraryEntry | None:
+        try:
+            return self._store.get_library_entry(ref)
         except StoreError:
             return None
 

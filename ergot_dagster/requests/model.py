@@ -8,12 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ergot_dagster.refs import (
-    InvalidRefError,
-    is_artifact_ref,
-    parse_artifact_ref,
-    validate_source_ref,
-)
+from ergot_dagster.refs import InvalidRefError, validate_input_ref
 
 REQUEST_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 WORKFLOW_SPEC = r"^[a-z][a-z0-9_]{0,63}(@[0-9]{1,9})?$"
@@ -22,34 +17,43 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 class RequestSources(BaseModel):
-    """The primary source (it becomes the run's partition) and any other named inputs."""
+    """The primary input (its ref becomes the run's partition) and any other named inputs.
+
+    A ref is a source ref (a path relative to the ingest root), an artifact ref
+    (`artifact:<run id>/<name>`) or a library ref (`library:<library>/<name>`; an input that
+    takes a library also accepts `<library>/<name>`). An input declared `many` takes a list.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    primary: str = Field(description="a source ref: a path relative to the ingest root")
-    inputs: dict[str, str] = Field(
-        default_factory=dict, description="input name -> a source ref or an artifact ref"
+    primary: str = Field(
+        description="the primary input's ref: a source ref, an artifact ref or a library ref"
+    )
+    inputs: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="input name -> a source, artifact or library ref, or a list of them",
     )
 
     @field_validator("primary")
     @classmethod
     def _primary(cls, value: str) -> str:
         try:
-            return validate_source_ref(value)
+            return validate_input_ref(value)
         except InvalidRefError as exc:
             raise ValueError(str(exc)) from None
 
     @field_validator("inputs")
     @classmethod
-    def _inputs(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, ref in value.items():
-            try:
-                if is_artifact_ref(ref):
-                    parse_artifact_ref(ref)
-                else:
-                    validate_source_ref(ref)
-            except InvalidRefError as exc:
-                raise ValueError(f"input {name!r}: {exc}") from None
+    def _inputs(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        for name, given in value.items():
+            refs = given if isinstance(given, list) else [given]
+            if not refs:
+                raise ValueError(f"input {name!r}: an empty list")
+            for ref in refs:
+                try:
+                    validate_input_ref(ref)
+                except InvalidRefError as exc:
+                    raise ValueError(f"input {name!r}: {exc}") from None
         return value
 
 

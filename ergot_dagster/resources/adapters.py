@@ -5,6 +5,7 @@ from __future__ import annotations
 from ergot_dagster.resources.comfyui.adapter import ComfyUIRuntime
 from ergot_dagster.resources.face_embedding.adapter import FaceEmbeddingRuntime
 from ergot_dagster.resources.ffmpeg.adapter import FFmpegRuntime
+from ergot_dagster.resources.reconstruction.adapter import ReconstructionRuntime
 from ergot_dagster.resources.runtime import (
     RuntimeAdapter,
     adapter_class,
@@ -26,6 +27,7 @@ BUILTIN_ADAPTERS: tuple[type[RuntimeAdapter], ...] = (
     TranscriptionRuntime,
     VoicePromptRuntime,
     ComfyUIRuntime,
+    ReconstructionRuntime,
 )
 
 

@@ -66,6 +66,7 @@ from ergot_dagster.requests.planning import RunPlan, plan_run
 from ergot_dagster.resources.artifact_store import ArtifactStoreResource
 from ergot_dagster.resources.targets import RuntimeTargetsResource
 from ergot_dagster.settings import ErgotSettings
+from ergot_dagster.sources.record import source_partitions
 from ergot_dagster.workflows.loader import cached_registry
 from ergot_dagster.workflows.settings_schema import SettingsError
 
@@ -304,6 +305,7 @@ class _Tick:
     catalog: LocalCatalog
     cursor: InboxCursor
     run_requests: list[RunRequest] = field(default_factory=list)
+    new_partitions: list[str] = field(default_factory=list)
     requested_ids: set[str] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -351,6 +353,8 @@ class _Tick:
         if run is not None:
             return self._decide_against(item, request.request_id, request.sha256, run, False)
         self.run_requests.append(run_request_for(plan))
+        if plan.new_partition and plan.partition_key not in self.new_partitions:
+            self.new_partitions.append(plan.partition_key)
         self.requested_ids.add(request.request_id)
         self.cursor.pending[item.name] = PendingFile(
             request_id=request.request_id, sha256=request.sha256, signature=item.signature
@@ -467,4 +471,14 @@ def request_inbox(
         summary += f"; {len(waiting) - MAX_FILES_PER_TICK} file(s) left for the next tick"
     if not tick.run_requests:
         return SensorResult(cursor=cursor.dump(), skip_reason=SkipReason(summary))
-    return SensorResult(run_requests=tick.run_requests, cursor=cursor.dump())
+    return SensorResult(
+        run_requests=tick.run_requests,
+        cursor=cursor.dump(),
+        # Requests on a derived artifact or library entry name partitions that must exist
+        # before their runs do; Dagster adds them before it creates the runs.
+        dynamic_partitions_requests=(
+            [source_partitions.build_add_request(tick.new_partitions)]
+            if tick.new_partitions
+            else None
+        ),
+    )

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ergot_dagster.orchestration.k8s_hints import KubernetesHints
 from ergot_dagster.workflows.model import RUNTIME_TYPE, CapabilityTag
 
 TARGET_NAME = r"^[a-z0-9][a-z0-9-]{0,47}$"
@@ -58,12 +59,14 @@ class TargetAuth(BaseModel):
 
 
 class RoutingHints(BaseModel):
-    """Hints for routing: a queue/pool affinity and the workflows this target is preferred for."""
+    """Hints for routing: a queue/pool affinity, the workflows this target is preferred for, and
+    where on a Kubernetes cluster the runs that use it execute (`orchestration.k8s_hints`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     pool: str | None = None
     prefer_for: list[str] = Field(default_factory=list)
+    kubernetes: KubernetesHints | None = None
 
 
 class RuntimeTarget(BaseModel):

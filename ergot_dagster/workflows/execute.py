@@ -18,7 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef, RuntimeInfo, SetMember
+from ergot_dagster.artifacts.manifest import (
+    ArtifactManifest,
+    ExecutedBy,
+    ParentRef,
+    RuntimeInfo,
+    SetMember,
+)
 from ergot_dagster.artifacts.store import ArtifactStore
 from ergot_dagster.errors import ErgotError, PermanentRuntimeError, RuntimeFailure
 from ergot_dagster.media.sniff import verify_media_type
@@ -167,6 +173,7 @@ def store_artifact(
     result: StageResult,
     stage: StageSpec,
     endpoint: str | None = None,
+    executed_by: ExecutedBy | None = None,
 ) -> ArtifactManifest:
     """Put an artifact's bytes in the store and write its manifest."""
     spec = definition.outputs[artifact]
@@ -223,6 +230,7 @@ def store_artifact(
         stage=stage.id,
         members=members,
         created_at=datetime.now(UTC),
+        executed_by=executed_by,
     )
     store.put_manifest(manifest)
     return manifest
@@ -296,6 +304,7 @@ def execute_plan(
     events: RunEvents,
     reusable: dict[str, ArtifactManifest] | None = None,
     log: logging.Logger | None = None,
+    executed_by: ExecutedBy | None = None,
 ) -> Iterator[StoredArtifact]:
     """Run the stages needed for `selected`, yielding each artifact as soon as it is stored.
 
@@ -467,6 +476,7 @@ def execute_plan(
                         result=result,
                         stage=stage,
                         endpoint=target.public_endpoint,
+                        executed_by=executed_by,
                     )
                 except ErgotError as exc:
                     failures[artifact] = exc

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
+from ergot_dagster.artifacts.library import LibraryEntry
 from ergot_dagster.artifacts.manifest import ArtifactManifest, ParentRef
 from ergot_dagster.artifacts.metadata import manifest_from_metadata
 from ergot_dagster.artifacts.s3_store import is_s3_location
@@ -24,7 +25,9 @@ from ergot_dagster.media.hashing import sha256_file
 from ergot_dagster.media.probe import media_type_matches
 from ergot_dagster.refs import (
     InvalidRefError,
-    is_artifact_ref,
+    expand_library_shorthand,
+    is_library_ref,
+    ref_kind,
     ref_to_partition_key,
     resolve_under_root,
 )
@@ -44,13 +47,29 @@ def check_media_type(definition: WorkflowDefinition, name: str, ref: str, media_
         )
 
 
-def check_input_names(definition: WorkflowDefinition, given: dict[str, str]) -> None:
+def check_input_names(definition: WorkflowDefinition, given: dict[str, str | list[str]]) -> None:
     """Refuse inputs the workflow does not have."""
     unknown = sorted(set(given) - set(definition.inputs))
     if unknown:
         raise RequestError(
             f"no input(s) named {', '.join(unknown)}; the inputs are {', '.join(definition.inputs)}"
         )
+
+
+def check_arity(definition: WorkflowDefinition, name: str, value: str | list[str]) -> list[str]:
+    """The refs given for input `name` as a list, refusing a list where one ref is taken."""
+    spec = definition.inputs[name]
+    if isinstance(value, list):
+        if not spec.many:
+            raise RequestError(f"input {name!r} takes one ref, not a list of {len(value)}")
+        if not value:
+            raise RequestError(f"input {name!r}: an empty list")
+        if len(value) > spec.max_items:
+            raise RequestError(
+                f"input {name!r} takes at most {spec.max_items} refs; the request gave {len(value)}"
+            )
+        return value
+    return [value]
 
 
 def source_input(
@@ -112,10 +131,15 @@ def source_input(
 
 
 def artifact_input(
-    *, store: ArtifactStore, definition: WorkflowDefinition, name: str, manifest: ArtifactManifest
+    *,
+    store: ArtifactStore,
+    definition: WorkflowDefinition,
+    name: str,
+    manifest: ArtifactManifest,
+    via: LibraryEntry | None = None,
 ) -> WorkflowInput:
-    """Bind input `name` to a stored artifact."""
-    check_media_type(definition, name, manifest.ref, manifest.media_type)
+    """Bind input `name` to a stored artifact (named directly, or through library entry `via`)."""
+    check_media_type(definition, name, via.ref if via else manifest.ref, manifest.media_type)
     files: StageFile | list[StageFile]
     if manifest.kind == "set":
         files = [
@@ -124,11 +148,67 @@ def artifact_input(
         ]
     else:
         files = StageFile(path=store.local_path(manifest.uri), media_type=manifest.media_type)
-    return WorkflowInput(
-        name=name,
-        files=files,
-        parents=[ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256, input=name)],
+    if via is not None:
+        parent = ParentRef(kind="library", ref=via.ref, sha256=via.sha256, input=name)
+    else:
+        parent = ParentRef(kind="artifact", ref=manifest.ref, sha256=manifest.sha256, input=name)
+    return WorkflowInput(name=name, files=files, parents=[parent])
+
+
+def stored_input(
+    *, store: ArtifactStore, definition: WorkflowDefinition, name: str, ref: str
+) -> WorkflowInput:
+    """Bind input `name` to an artifact or library ref; `RequestError` naming it if absent."""
+    entry: LibraryEntry | None = None
+    artifact = ref
+    if is_library_ref(ref):
+        try:
+            entry = store.get_library_entry(ref)
+        except StoreError as exc:
+            raise RequestError(f"input {name!r}: {exc}") from exc
+        if entry is None:
+            raise RequestError(
+                f"input {name!r}: nothing is promoted as {ref}; see `ergot libraries`"
+            )
+        artifact = entry.artifact
+    try:
+        manifest = store.get_manifest(artifact)
+    except StoreError as exc:
+        raise RequestError(f"input {name!r}: {exc}") from exc
+    if entry is not None and manifest.sha256 != entry.sha256:
+        raise SourceError(
+            f"input {name!r}: {ref} names {artifact} with sha256 {entry.sha256[:12]}, but the "
+            f"store holds {manifest.sha256[:12]}"
+        )
+    return artifact_input(
+        store=store, definition=definition, name=name, manifest=manifest, via=entry
     )
+
+
+def _bind_one(
+    *,
+    instance: DagsterInstance,
+    store: ArtifactStore,
+    definition: WorkflowDefinition,
+    name: str,
+    ref: str,
+) -> WorkflowInput:
+    ref = expand_library_shorthand(ref, definition.inputs[name].library)
+    if ref_kind(ref) == "source":
+        return source_input(
+            instance=instance, definition=definition, name=name, ref=ref, store=store
+        )
+    return stored_input(store=store, definition=definition, name=name, ref=ref)
+
+
+def _join(name: str, parts: list[WorkflowInput]) -> WorkflowInput:
+    """One list-valued input from several bound refs, files and parents in the order given."""
+    files: list[StageFile] = []
+    parents: list[ParentRef] = []
+    for part in parts:
+        files += part.files if isinstance(part.files, list) else [part.files]
+        parents += part.parents
+    return WorkflowInput(name=name, files=files, parents=parents)
 
 
 def _latest_asset_manifest(
@@ -150,9 +230,13 @@ def bind_inputs(
     definition: WorkflowDefinition,
     source_ref: str,
     partition_key: str,
-    given: dict[str, str],
+    given: dict[str, str | list[str]],
 ) -> dict[str, WorkflowInput]:
-    """Bind every input of `definition` for one run; raise naming the input that cannot be bound."""
+    """Bind every input of `definition` for one run; raise naming the input that cannot be bound.
+
+    The primary input is `source_ref`, the partition: an ingested source, or a stored artifact or
+    library entry for a workflow applied to derived media.
+    """
     check_input_names(definition, given)
     bound: dict[str, WorkflowInput] = {}
     for name, spec in definition.inputs.items():
@@ -161,24 +245,18 @@ def bind_inputs(
                 raise RequestError(
                     f"input {name!r} is the primary source; it is the partition ({source_ref!r})"
                 )
-            bound[name] = source_input(
-                instance=instance, definition=definition, name=name, ref=source_ref, store=store
+            bound[name] = _bind_one(
+                instance=instance, store=store, definition=definition, name=name, ref=source_ref
             )
             continue
-        ref = given.get(name)
-        if ref is not None:
-            if is_artifact_ref(ref):
-                try:
-                    manifest = store.get_manifest(ref)
-                except StoreError as exc:
-                    raise RequestError(f"input {name!r}: {exc}") from exc
-                bound[name] = artifact_input(
-                    store=store, definition=definition, name=name, manifest=manifest
-                )
-            else:
-                bound[name] = source_input(
-                    instance=instance, definition=definition, name=name, ref=ref, store=store
-                )
+        value = given.get(name)
+        if value is not None:
+            refs = check_arity(definition, name, value)
+            parts = [
+                _bind_one(instance=instance, store=store, definition=definition, name=name, ref=r)
+                for r in refs
+            ]
+            bound[name] = _join(name, parts) if spec.many else parts[0]
         elif spec.asset:
             manifest = _latest_asset_manifest(instance, spec.asset, partition_key)
             if manifest is not None:
@@ -188,7 +266,7 @@ def bind_inputs(
             elif spec.required:
                 raise SourceError(
                     f"input {name!r} needs {spec.asset} for {source_ref!r}, which has not been "
-                    "materialized yet"
+                    "materialized yet; name the artifact to use in the request's inputs"
                 )
         elif spec.required:
             raise RequestError(f"input {name!r} is required and the request gave none")

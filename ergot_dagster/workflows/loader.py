@@ -19,6 +19,11 @@ from ergot_dagster.workflows.lock import LOCK_FILENAME, LockEntry, WorkflowLock,
 from ergot_dagster.workflows.model import WorkflowDefinition
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
+# libyaml's parser when PyYAML has it (the same safe constructor and resolver, so the same data):
+# every run worker parses every definition when it loads the code location, and the pure-Python
+# parser took most of that time (docs/performance.md).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True)
 class DefinitionFile:
@@ -43,7 +48,7 @@ def parse_file(root: Path, path: Path) -> DefinitionFile:
     """Parse and validate one definition file; `DefinitionError` names the file and field."""
     relpath = path.relative_to(root).as_posix()
     try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data: Any = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except yaml.YAMLError as exc:
         raise DefinitionError(f"{relpath}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:

@@ -33,6 +33,7 @@ from ergot_dagster.checks import get_evaluator
 from ergot_dagster.errors import ErgotError, RuntimeFailure
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.orchestration.events import DagsterRunEvents
+from ergot_dagster.orchestration.placement import describe, executed_by
 from ergot_dagster.orchestration.retry import StepRetry
 from ergot_dagster.orchestration.worker import current_worker
 from ergot_dagster.refs import InvalidRefError, partition_key_to_ref
@@ -212,6 +213,10 @@ def materialize_workflow(
     # Run monitoring asks the run launcher whether this process is still alive.
     context.instance.add_run_tags(context.run_id, {T.WORKER: current_worker(context.run_id)})
     events = DagsterRunEvents(context.instance, context.run_id, op_name(definition))
+    # Where this run executed (this node, a remote code server's host, a pod): in its events
+    # and in every manifest it writes.
+    placement = executed_by(context.run.tags)
+    events.emit("run_placed", describe(placement), **placement.model_dump())
     reusable = _reusable(context.instance, store, definition, source_ref, context.run_id)
     context.log.info(
         f"{definition.ref} for {source_ref!r}: artifacts {sorted(selected)}, settings {settings}, "
@@ -232,6 +237,7 @@ def materialize_workflow(
             source_ref=source_ref,
             events=events,
             reusable=reusable,
+            executed_by=placement,
             # Adapters' own log lines go to the run's log in the UI.
             log=context.log,  # type: ignore[arg-type]
         ):

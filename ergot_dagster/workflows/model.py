@@ -35,6 +35,7 @@ RUNTIME_TYPE = r"^[a-z][a-z0-9_]{0,31}$"
 CAPABILITY = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 MEDIA_TYPE = r"^(\*|[a-z]+)/(\*|[a-z0-9][a-z0-9.+-]*)$"
 ASSET_PATH = r"^[a-z][a-z0-9_]*/[a-z][a-z0-9_]*/[a-z][a-z0-9_]*$"
+LIBRARY_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
 PLAN_RUNTIME = "plan"
 
 
@@ -84,7 +85,20 @@ class InputSpec(BaseModel):
     asset: str | None = Field(
         default=None,
         pattern=ASSET_PATH,
-        description="another workflow's artifact (family/workflow/artifact) for the same source",
+        description="another workflow's artifact (family/workflow/artifact) this input takes: "
+        "the asset graph's edge, and the default binding (that artifact of the same partition) "
+        "when a request names none",
+    )
+    many: bool = Field(
+        default=False,
+        description="the request gives a list of refs (in order), bound as a list of files",
+    )
+    max_items: int = Field(default=64, ge=1, le=1024, description="the longest list, when many")
+    library: str | None = Field(
+        default=None,
+        pattern=LIBRARY_NAME,
+        description="a library whose entries this input takes by name: a request may write "
+        "`<library>/<entry>` for `library:<library>/<entry>`",
     )
 
     @field_validator("media_types")
@@ -268,6 +282,11 @@ class WorkflowDefinition(BaseModel):
                 "exactly one input must be `primary: true` (the source partition); "
                 f"found {primaries}"
             )
+        for name, spec in self.inputs.items():
+            if spec.primary and spec.many:
+                raise ValueError(
+                    f"input {name!r} is primary (the partition) and cannot take a list (`many`)"
+                )
         if self.runtime == PLAN_RUNTIME:
             for stage in self.plan:
                 if stage.runtime is None:

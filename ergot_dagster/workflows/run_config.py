@@ -79,10 +79,11 @@ def config_schema(versions: list[WorkflowDefinition]) -> dict[str, Field]:
             description="request settings, checked against the version's JSON Schema",
         ),
         "inputs": Field(
-            Map(str, str),
+            # A list for an input that takes several (`many`); bind_inputs checks the shape.
+            Map(str, DagsterAny),
             is_required=False,
             default_value={},
-            description="extra inputs by name: a source ref or an artifact ref",
+            description="extra inputs by name: a source, artifact or library ref, or a list",
         ),
     }
 
@@ -90,7 +91,7 @@ def config_schema(versions: list[WorkflowDefinition]) -> dict[str, Field]:
 def run_config_for(
     definition: WorkflowDefinition,
     settings: dict[str, Any] | None = None,
-    inputs: dict[str, str] | None = None,
+    inputs: dict[str, str | list[str]] | None = None,
 ) -> dict[str, Any]:
     """Run config that runs `definition` (this exact version) with `settings`."""
     return {

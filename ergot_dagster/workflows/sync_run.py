@@ -21,6 +21,7 @@ from ergot_dagster.requests.catalog import LocalCatalog
 from ergot_dagster.requests.model import ProcessingRequest, validation_summary
 from ergot_dagster.requests.planning import plan_run
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
+from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME
 from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
 
@@ -59,7 +60,7 @@ def run_workflow(
     *,
     instance: DagsterInstance,
     settings: ErgotSettings,
-    inputs: dict[str, str] | None = None,
+    inputs: dict[str, str | list[str]] | None = None,
     log_level: str = "CRITICAL",
 ) -> RunOutcome:
     """Check the request as any other (`plan_run`), then run it here and wait for it to finish.
@@ -80,6 +81,8 @@ def run_workflow(
     catalog = LocalCatalog(registry, instance, store, load_targets(settings.runtime_targets))
     plan = plan_run(request, catalog)
     definition = registry.get(spec)
+    if plan.new_partition:
+        instance.add_dynamic_partitions(SOURCE_PARTITIONS_NAME, [plan.partition_key])
 
     recon_repo = ReconstructableRepository.for_module(
         DEFINITIONS_MODULE, "defs", working_directory=str(PROJECT_ROOT)

@@ -8,14 +8,32 @@ range or not in a list, a loader's file missing), one worker so that prompts rea
 websocket message order routed by client id, `/interrupt` that only touches the prompt it names,
 `/queue` delete of pending prompts, and a bounded history. It runs aiohttp, like ComfyUI.
 
-There is no diffusion model. The nodes below do real work with ffmpeg on real files: a decoded
-"latent" is a gradient pattern seeded by the sampler's seed, at the latent's size; an image batch
-is a list of PNG frames; SaveImage writes PNGs, VHS_VideoCombine an MP4.
+There is no diffusion model. The nodes below do real work with ffmpeg, Pillow and numpy on real
+files: a decoded "latent" is a gradient pattern seeded by the sampler's seed, at the latent's
+size; an image batch is a list of PNG frames; SaveImage writes PNGs, VHS_VideoCombine an MP4.
 
-Node types: CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler (each step takes
-`step_seconds`, reports `progress` and a binary preview, and stops at an interrupt), VAEDecode,
-VAEEncode, SaveImage, PreviewImage, LoadImage (reads an uploaded file), ImageScale, and
-VHS_VideoCombine (VideoHelperSuite's video node: MP4/WebM/GIF reported under `gifs`).
+Node types (class names, input names, types and ranges as ComfyUI or the named pack declares
+them; optional inputs are checked when given, as ComfyUI does):
+
+- core: CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage, KSampler (each step takes
+  `step_seconds`, reports `progress` and a binary preview, and stops at an interrupt), VAEDecode,
+  VAEEncode, SaveImage, PreviewImage, LoadImage (reads an uploaded file, as RGB), ImageScale
+  (`crop: center` crops to the aspect; a 0 width or height keeps it);
+- core video models (comfy_extras/nodes_video_model.py): ImageOnlyCheckpointLoader (MODEL,
+  CLIP_VISION, VAE), SVD_img2vid_Conditioning (its latent is the init image; VAEDecode makes
+  `video_frames` frames of it at width x height, zoomed by `motion_bucket_id` and panned in a
+  direction the sampler's seed picks), VideoLinearCFGGuidance;
+- core audio (comfy_extras/nodes_audio.py): LoadAudio (an uploaded file decoded with ffmpeg; a
+  file without sound fails at run time with "No audio stream found in the file.", a missing one at
+  validation with "Invalid audio file: ...");
+- ComfyUI-VideoHelperSuite: VHS_VideoCombine (MP4/WebM/GIF reported under `gifs`; the format's
+  widgets `pix_fmt` and `crf` reach the encoder; with the optional `audio` the sound is muxed
+  into `<name>-audio.mp4` as AAC, padded to outlast the video unless `trim_to_audio`, then cut
+  at the shorter stream, and that file is the one reported);
+- ComfyUI-Inspyrenet-Rembg: InspyrenetRembgAdvanced (IMAGE, MASK). Without the network, the
+  matte is the distance of each pixel's colour from the border's (the median of the outermost
+  pixels), a pixel opaque when that is above `threshold`: RGBA out, RGB kept. Each image takes
+  `step_seconds` and stops at an interrupt, like a model's inference.
 
 Use it in-process:
 
@@ -37,7 +55,7 @@ Test-only control surface (NOT part of ComfyUI's protocol)
 `POST /_loopback/config` with a JSON object (`server.configure(dict)` in-process) changes:
 
 - `reset: true` -- the defaults again (first).
-- `step_seconds: 0.05` -- how long each KSampler step takes.
+- `step_seconds: 0.05` -- how long each KSampler step (and each InspyrenetRembg image) takes.
 - `paused: true` -- the worker starts no new prompt (queued ones stay `queue_pending`).
 - `fail_next: {"node": "8" | "class_type": "VAEDecode", "exception_type": "...",
   "exception_message": "...", "times": 1}` -- the next matching node executions raise, which
@@ -54,7 +72,8 @@ Test-only control surface (NOT part of ComfyUI's protocol)
 - `legacy: true` -- speak like ComfyUI of early 2024: no `execution_success` (a prompt ends with
   `executing` for node null only), no timestamps, no `progress_state`, and `progress` without
   `prompt_id` and `node`.
-- `checkpoints: [...]` -- the file names CheckpointLoaderSimple accepts.
+- `checkpoints: [...]` -- the file names CheckpointLoaderSimple and ImageOnlyCheckpointLoader
+  accept.
 
 `GET /_loopback/state` (`server.state()`) answers what the server saw: `prompts` (accepted ids in
 order), `client_ids` (prompt id -> client id), `status` (prompt id -> queued / running / success /
@@ -92,7 +111,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
+from PIL import Image
 
 from ergot_dagster.media.process import run_process
 
@@ -105,13 +126,26 @@ CHECKPOINTS = [
     "v1-5-pruned-emaonly-fp16.safetensors",
     "sd_xl_base_1.0.safetensors",
     "dreamshaper_8.safetensors",
+    "svd_xt_1_1.safetensors",
 ]
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "lcm"]
 SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
-VIDEO_FORMATS = {
-    "video/h264-mp4": ("mp4", ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20"]),
-    "video/webm": ("webm", ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-b:v", "0"]),
-    "image/gif": ("gif", []),
+# VideoHelperSuite's formats: extension, main pass, its format widgets' defaults (pix_fmt, crf),
+# and the audio pass (video_formats/*.json).
+VIDEO_FORMATS: dict[str, tuple[str, list[str], dict[str, Any], list[str]]] = {
+    "video/h264-mp4": (
+        "mp4",
+        ["-c:v", "libx264", "-pix_fmt", "{pix_fmt}", "-crf", "{crf}"],
+        {"pix_fmt": "yuv420p", "crf": 19},
+        ["-c:a", "aac"],
+    ),
+    "video/webm": (
+        "webm",
+        ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-pix_fmt", "{pix_fmt}", "-crf", "{crf}"],
+        {"pix_fmt": "yuv420p", "crf": 20},
+        ["-c:a", "libvorbis"],
+    ),
+    "image/gif": ("gif", [], {}, []),
 }
 
 
@@ -138,13 +172,15 @@ class Spec:
 
 @dataclass(frozen=True)
 class NodeType:
-    """A node class: its required inputs, return types, whether it is an output node, its work."""
+    """A node class: its required (and optional) inputs, return types, whether it is an output
+    node, its work."""
 
     required: dict[str, Spec]
     returns: tuple[str, ...]
     run: Callable[..., Any]
     output_node: bool = False
     validate: Callable[[ComfyUILoopbackServer, dict[str, Any]], bool | str] | None = None
+    optional: dict[str, Spec] = field(default_factory=dict)
 
 
 class Interrupted(Exception):
@@ -248,6 +284,8 @@ def _vae_decode(run: Execution, samples: dict[str, Any], vae: Any) -> tuple[Any,
     width, height = samples["width"], samples["height"]
     seed = int(samples.get("seed", 0)) % (2**32)
     out = run.scratch
+    if samples.get("init_image"):
+        return (_svd_frames(run, samples, seed),)
     if samples.get("frames"):
         # Image to image: the source frames at the latent's size, their hue turned by the seed
         # as far as `denoise` allows.
@@ -349,7 +387,10 @@ def _load_image(run: Execution, image: str, upload: str = "image") -> tuple[Any,
     if source is None:
         raise FileNotFoundError(image)
     frame = run.scratch / "frame_00000.png"
-    run.ffmpeg(["-i", str(source), "-frames:v", "1", "-update", "1", str(frame)])
+    # ComfyUI's LoadImage converts to RGB (an alpha channel becomes the MASK output).
+    run.ffmpeg(
+        ["-i", str(source), "-frames:v", "1", "-update", "1", "-pix_fmt", "rgb24", str(frame)]
+    )
     return [frame], {"mask": image}
 
 
@@ -377,7 +418,10 @@ def _video_combine(run: Execution, **inputs: Any) -> dict[str, Any]:
     save_output = bool(inputs["save_output"])
     kind = "output" if save_output else "temp"
     folder, subfolder, name, counter = _save_path(run.server.root / kind, inputs["filename_prefix"])
-    extension, codec = VIDEO_FORMATS[inputs["format"]]
+    extension, main_pass, widgets, audio_pass = VIDEO_FORMATS[inputs["format"]]
+    # The format's own widgets (pix_fmt, crf, ...) arrive as extra inputs, defaults if absent.
+    values = {key: inputs.get(key, default) for key, default in widgets.items()}
+    codec = [arg.format(**values) for arg in main_pass]
     sequence = run.scratch / "sequence"
     sequence.mkdir(exist_ok=True)
     for index, frame in enumerate(frames):
@@ -396,6 +440,34 @@ def _video_combine(run: Execution, **inputs: Any) -> dict[str, Any]:
             str(folder / file),
         ]
     )
+    files = [str(folder / first), str(folder / file)]
+    audio = inputs.get("audio")
+    if audio is not None and audio_pass:
+        # Like VideoHelperSuite: the audio is muxed into a second file, `<name>-audio.<ext>`,
+        # padded to outlast the video unless `trim_to_audio`, then cut at the shorter stream.
+        with_audio = f"{name}_{counter:05}-audio.{extension}"
+        seconds = len(frames) / float(inputs["frame_rate"]) + 1
+        pad = [] if inputs.get("trim_to_audio") else ["-af", f"apad=whole_dur={seconds:g}"]
+        run.ffmpeg(
+            [
+                "-i",
+                str(folder / file),
+                "-i",
+                str(audio["path"]),
+                "-map",
+                "0:v:0",
+                "-map",
+                "1:a:0",
+                "-c:v",
+                "copy",
+                *audio_pass,
+                *pad,
+                "-shortest",
+                str(folder / with_audio),
+            ]
+        )
+        files.append(str(folder / with_audio))
+        file = with_audio
     preview = {
         "filename": file,
         "subfolder": subfolder,
@@ -403,9 +475,99 @@ def _video_combine(run: Execution, **inputs: Any) -> dict[str, Any]:
         "format": inputs["format"],
         "frame_rate": float(inputs["frame_rate"]),
         "workflow": first,
-        "fullpath": str(folder / file),
+        "fullpath": files[-1],
     }
-    return {"ui": {"gifs": [preview]}, "result": ((save_output, [str(folder / file)]),)}
+    return {"ui": {"gifs": [preview]}, "result": ((save_output, files),)}
+
+
+def _image_only_checkpoint_loader(run: Execution, ckpt_name: str) -> tuple[Any, ...]:
+    return {"model": ckpt_name}, {"clip_vision": ckpt_name}, {"vae": ckpt_name}
+
+
+def _svd_conditioning(run: Execution, **inputs: Any) -> tuple[Any, ...]:
+    init = list(inputs["init_image"])
+    conditioning = {key: inputs[key] for key in ("motion_bucket_id", "fps", "augmentation_level")}
+    latent = {
+        "width": int(inputs["width"]),
+        "height": int(inputs["height"]),
+        "batch": int(inputs["video_frames"]),
+        "frames": None,
+        "init_image": init[0],
+        "motion_bucket_id": int(inputs["motion_bucket_id"]),
+    }
+    return {"positive": conditioning}, {"negative": conditioning}, latent
+
+
+def _svd_frames(run: Execution, samples: dict[str, Any], seed: int) -> list[Path]:
+    """SVD's decoded frames: the init image, cropped to the latent's size, slowly zoomed and
+    panned (more for a higher motion bucket; the direction from the seed)."""
+    width, height, count = samples["width"], samples["height"], samples["batch"]
+    zoom = 0.5 * int(samples.get("motion_bucket_id", 127)) / 1023
+    x, y = (seed % 3) / 2, (seed // 3 % 3) / 2
+    out = run.scratch
+    run.ffmpeg(
+        [
+            "-i",
+            str(samples["init_image"]),
+            "-vf",
+            f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height},"
+            f"zoompan=z='1+{zoom:.4f}*on/{max(count - 1, 1)}':"
+            f"x='(iw-iw/zoom)*{x:g}':y='(ih-ih/zoom)*{y:g}':d={count}:s={width}x{height}",
+            "-frames:v",
+            str(count),
+            str(out / "frame_%05d.png"),
+        ]
+    )
+    frames = sorted(out.glob("frame_*.png"))
+    if len(frames) != count:
+        raise RuntimeError(f"decoded {len(frames)} frames, expected {count}")
+    return frames
+
+
+def _video_linear_cfg(run: Execution, model: Any, min_cfg: float) -> tuple[Any, ...]:
+    return ({**model, "min_cfg": min_cfg},)
+
+
+def _load_audio_valid(server: ComfyUILoopbackServer, inputs: dict[str, Any]) -> bool | str:
+    audio = inputs.get("audio")
+    if not isinstance(audio, str) or _annotated(server, audio) is None:
+        return f"Invalid audio file: {audio}"
+    return True
+
+
+def _load_audio(run: Execution, audio: str) -> tuple[Any, ...]:
+    """Core LoadAudio: the uploaded file decoded (here to a float WAV beside the prompt)."""
+    source = _annotated(run.server, audio)
+    if source is None:
+        raise FileNotFoundError(audio)
+    decoded = run.scratch / "audio.wav"
+    try:
+        run.ffmpeg(["-i", str(source), "-map", "0:a:0", "-c:a", "pcm_f32le", str(decoded)])
+    except Exception:
+        raise ValueError("No audio stream found in the file.") from None
+    return ({"path": decoded},)
+
+
+def _rembg(run: Execution, image: list[Path], threshold: float, torchscript_jit: str) -> Any:
+    """InspyrenetRembgAdvanced's matte, without the network: a pixel is foreground as far as its
+    colour is from the border's (the median of the outermost pixels), thresholded like the node
+    does its prediction. RGB is kept; alpha is 255 or 0. Each image takes `step_seconds`."""
+    images, masks = [], []
+    for index, source in enumerate(image):
+        run.sleep(run.server.config.step_seconds)  # the model's inference, interruptible
+        rgb = np.asarray(Image.open(source).convert("RGB"), dtype=np.float32)
+        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+        distance = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1) / (255 * 3**0.5)
+        confidence = np.clip(distance * 4, 0.0, 1.0)
+        alpha = np.where(confidence > float(threshold), 255, 0).astype(np.uint8)
+        rgba = np.dstack([rgb.astype(np.uint8), alpha])
+        matte = run.scratch / f"matte_{index:05d}.png"
+        Image.fromarray(rgba, "RGBA").save(matte)
+        mask = run.scratch / f"mask_{index:05d}.png"
+        Image.fromarray(alpha, "L").save(mask)
+        images.append(matte)
+        masks.append(mask)
+    return images, masks
 
 
 NODE_TYPES: dict[str, NodeType] = {
@@ -478,6 +640,46 @@ NODE_TYPES: dict[str, NodeType] = {
         ("VHS_FILENAMES",),
         _video_combine,
         output_node=True,
+        optional={
+            "audio": Spec("AUDIO"),
+            "meta_batch": Spec("VHS_BatchManager"),
+            "vae": Spec("VAE"),
+        },
+    ),
+    "ImageOnlyCheckpointLoader": NodeType(
+        {"ckpt_name": _combo(lambda server: list(server.config.checkpoints))},
+        ("MODEL", "CLIP_VISION", "VAE"),
+        _image_only_checkpoint_loader,
+    ),
+    "SVD_img2vid_Conditioning": NodeType(
+        {
+            "clip_vision": Spec("CLIP_VISION"),
+            "init_image": Spec("IMAGE"),
+            "vae": Spec("VAE"),
+            "width": _int(16, 16384, 1024),
+            "height": _int(16, 16384, 576),
+            "video_frames": _int(1, 4096, 14),
+            "motion_bucket_id": _int(1, 1023, 127),
+            "fps": _int(1, 1024, 6),
+            "augmentation_level": _float(0.0, 10.0, 0.0),
+        },
+        ("CONDITIONING", "CONDITIONING", "LATENT"),
+        _svd_conditioning,
+    ),
+    "VideoLinearCFGGuidance": NodeType(
+        {"model": Spec("MODEL"), "min_cfg": _float(0.0, 100.0, 1.0)}, ("MODEL",), _video_linear_cfg
+    ),
+    "LoadAudio": NodeType(
+        {"audio": Spec("COMBO")}, ("AUDIO",), _load_audio, validate=_load_audio_valid
+    ),
+    "InspyrenetRembgAdvanced": NodeType(
+        {
+            "image": Spec("IMAGE"),
+            "threshold": _float(0.0, 1.0, 0.5),
+            "torchscript_jit": _combo(["default", "on"]),
+        },
+        ("IMAGE", "MASK"),
+        _rembg,
     ),
 }
 
@@ -515,11 +717,18 @@ def validate_inputs(
     node_type = NODE_TYPES[node["class_type"]]
     errors: list[dict[str, Any]] = []
     valid = True
-    for name, spec in node_type.required.items():
+    # Like ComfyUI: required inputs must be there; optional ones are checked when given.
+    declared = [(n, s, True) for n, s in node_type.required.items()] + [
+        (n, s, False) for n, s in node_type.optional.items()
+    ]
+    for name, spec, required in declared:
         if name not in inputs:
-            errors.append(
-                _error("required_input_missing", "Required input is missing", name, input_name=name)
-            )
+            if required:
+                errors.append(
+                    _error(
+                        "required_input_missing", "Required input is missing", name, input_name=name
+                    )
+                )
             continue
         value = inputs[name]
         config = spec.config(server)
@@ -1450,13 +1659,19 @@ class ComfyUILoopbackServer:
         info = {}
         widgets = ("INT", "FLOAT", "STRING", "BOOLEAN")
         for name, node_type in NODE_TYPES.items():
-            required = {
-                key: spec.config(self) if spec.choices or spec.type in widgets else [spec.type]
-                for key, spec in node_type.required.items()
-            }
+            required, optional = (
+                {
+                    key: spec.config(self) if spec.choices or spec.type in widgets else [spec.type]
+                    for key, spec in specs.items()
+                }
+                for specs in (node_type.required, node_type.optional)
+            )
             info[name] = {
-                "input": {"required": required},
-                "input_order": {"required": list(required)},
+                "input": {"required": required, **({"optional": optional} if optional else {})},
+                "input_order": {
+                    "required": list(required),
+                    **({"optional": list(optional)} if optional else {}),
+                },
                 "output": list(node_type.returns),
                 "output_is_list": [False] * len(node_type.returns),
                 "output_name": list(node_type.returns),

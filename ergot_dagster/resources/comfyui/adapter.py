@@ -16,6 +16,10 @@ the server runs the one graph it is given. The stage's `template` is an API-form
 A run that gives up (cancelled, or past the stage timeout) takes its prompt with it: a queued
 prompt is deleted from the queue (`POST /queue {"delete": [id]}`), a running one interrupted
 (`POST /interrupt {"prompt_id": id}`). docs/comfyui-runtime.md has the states and the errors.
+
+A stage with `params.for_each: "<node>.<input>"` maps its graph over the files of that input (an
+image set): the steps above once per file, in order, one prompt at a time, all within the one
+stage deadline; each output gathers its files in the same order.
 """
 
 from __future__ import annotations
@@ -79,6 +83,20 @@ from ergot_dagster.workflows.model import StageSpec
 
 # Text that names a file extension in an input's name; anything else takes the media type's.
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+class _MemberProgress:
+    """A mapped stage's progress: member `index` of `count`'s own, as a share of the whole."""
+
+    def __init__(self, reporter: ProgressReporter, key: str, index: int, count: int) -> None:
+        self._reporter = reporter
+        self._prefix = f"{key} {index}/{count}"
+        self._index = index
+        self._count = count
+
+    def __call__(self, fraction: float | None, message: str) -> None:
+        done = (self._index - 1 + (fraction or 0.0)) / self._count
+        self._reporter(done, f"{self._prefix}: {message}")
 
 
 class _Progress:
@@ -167,6 +185,115 @@ class ComfyUIRuntime(JobRuntime):
     @classmethod
     def validate_stage(cls, stage: StageSpec) -> None:
         graph.validate_stage(stage)
+
+    # -- a stage mapped over an input's files -------------------------------------------------
+
+    def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
+        try:
+            key = graph.for_each_input(request.stage)
+        except ValueError as exc:
+            raise PermanentRuntimeError(f"stage {request.stage.id!r}: {exc}") from None
+        if key is None:
+            return super().run_stage(request, log)
+        return self._run_for_each(request, key, log)
+
+    def _run_for_each(self, request: StageRequest, key: str, log: logging.Logger) -> StageResult:
+        """The graph once per file of input `key`, in order: one prompt at a time, each submitted,
+        followed, fetched (and, if the run gives up, cancelled) as a stage of its own, all within
+        the stage's one deadline. Each output gathers the members' files in member order."""
+        stage = request.stage
+        bound = request.inputs.get(key)
+        members = bound if isinstance(bound, list) else [bound] if bound is not None else []
+        if not members:
+            raise PermanentRuntimeError(
+                f"stage {stage.id!r}: input {key!r}, which `for_each` runs the graph over, "
+                "holds no files"
+            )
+        count = len(members)
+        deadline = time.monotonic() + request.timeout_s
+        request.workdir.mkdir(parents=True, exist_ok=True)
+        gathered: dict[str, list[Path]] = {}
+        made_by: dict[str, list[int]] = {}
+        prompt_ids: list[str] = []
+        described: list[dict[str, Any]] = []
+        followed_by: list[str] = []
+        metadata: dict[str, Any] = {}
+        for index, member in enumerate(members, start=1):
+            label = f"{key} file {index} of {count} ({member.path.name})"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeTimeoutError(
+                    f"{stage.id} on {request.target.name}: the stage's {request.timeout_s:g} s "
+                    f"ran out after {index - 1} of {count} files of {key!r}",
+                    job_id=prompt_ids[-1] if prompt_ids else None,
+                )
+            one = request.model_copy(
+                update={
+                    "inputs": {**request.inputs, key: member},
+                    "timeout_s": remaining,
+                    "progress": _MemberProgress(request.progress, key, index, count),
+                }
+            )
+            try:
+                result = super().run_stage(one, log)
+            except RuntimeTimeoutError as exc:
+                raise RuntimeTimeoutError(
+                    f"{label}: the stage's {request.timeout_s:g} s ran out ({exc})",
+                    job_id=exc.job_id,
+                ) from exc
+            except RuntimeFailure as exc:
+                # The same kind (transient or permanent), saying which file it was.
+                raise type(exc)(f"{label}: {exc}", job_id=exc.job_id) from exc
+            metadata = result.metadata
+            if result.job_id:
+                prompt_ids.append(result.job_id)
+            for how in str(metadata.get("followed_by", "")).split(", then "):
+                if how and how not in followed_by:
+                    followed_by.append(how)
+            files: dict[str, list[str]] = {}
+            for output, produced in result.outputs.items():
+                paths = produced if isinstance(produced, list) else [produced]
+                gathered.setdefault(output, []).extend(paths)
+                made_by.setdefault(output, []).append(index)
+                files[output] = [p.name for p in paths]
+            described.append(
+                {
+                    "file": member.path.name,
+                    "prompt_id": result.job_id,
+                    "number": metadata.get("comfyui_number"),
+                    "executed_s": metadata.get("executed_s"),
+                    "outputs": files,
+                }
+            )
+        for output, indexes in made_by.items():
+            if len(indexes) != count:
+                # A set whose members no longer line up with the input's files would be wrong
+                # without anyone noticing; a graph that saves nothing at all is left to the plane.
+                missing = sorted(set(range(1, count + 1)) - set(indexes))
+                raise PermanentRuntimeError(
+                    f"stage {stage.id!r}: output {output!r} has no file for {key} file(s) "
+                    f"{', '.join(map(str, missing))} of {count}, so it cannot be lined up with "
+                    "the input's files",
+                    job_id=",".join(prompt_ids),
+                )
+        log.info(
+            f"comfyui: {count} prompt(s) for the files of {key!r} on {request.target.name}: "
+            f"{sum(len(p) for p in gathered.values())} file(s) for {sorted(gathered)}"
+        )
+        return StageResult(
+            outputs={o: p[0] if len(p) == 1 else p for o, p in gathered.items()},
+            target=request.target.name,
+            # Every prompt, in member order: the manifest's runtime.job_id names them all.
+            job_id=",".join(prompt_ids),
+            metadata={
+                "comfyui_server": metadata.get("comfyui_server"),
+                "comfyui_prompt_ids": prompt_ids,
+                "for_each": key,
+                "members": count,
+                "comfyui_members": described,
+                "followed_by": ", ".join(followed_by),
+            },
+        )
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -298,7 +425,8 @@ class ComfyUIRuntime(JobRuntime):
             if len(bound) != 1:
                 raise PermanentRuntimeError(
                     f"input {key!r} is a set of {len(bound)} files; a ComfyUI node input takes "
-                    "one file"
+                    f"one file (`for_each: {key}` in the stage's params runs the graph once per "
+                    "file)"
                 )
             return bound[0]
         return bound
@@ -635,7 +763,8 @@ class ComfyUIRuntime(JobRuntime):
         """Every file of every mapped output node, into the workdir under safe local names."""
         template = request.stage.template or {}
         prompt_id = job.job_id
-        taken: set[str] = set()
+        # Never over an earlier prompt's file (a stage mapped over a set shares its workdir).
+        taken = {p.name for p in request.workdir.iterdir()} if request.workdir.is_dir() else set()
         outputs: dict[str, Path | list[Path]] = {}
         described: dict[str, Any] = {}
         for key, node_id in job.state["outputs"].items():

@@ -13,6 +13,9 @@ link `[source node id, output slot]`. The stage binds values into it without cha
 `<node>` is a node id, or a node's `_meta.title` when exactly one node carries it. The node input a
 key names must already be in the template (a placeholder value), so that a misspelt input fails
 when the definition is published instead of being silently ignored by ComfyUI.
+
+One `params` key is not a node input: `for_each: "<node>.<input>"` names a key of the stage's
+`inputs` whose files (an image set) the graph runs over, one prompt per file, in order.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_:.-]{0,63}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSION = re.compile(r"^\.[a-z0-9]{1,8}$")
 _MAX_STEM = 80
+# The one params key that is not a node input: which stage input the graph is mapped over.
+FOR_EACH = "for_each"
 
 
 @dataclass(frozen=True)
@@ -182,13 +187,39 @@ def is_literal(value: Any) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
+def for_each_input(stage: StageSpec) -> str | None:
+    """The stage input key the graph runs over once per file (`params.for_each`), if any.
+
+    `ValueError` unless it is a literal naming one of the stage's `inputs` keys: the template
+    is one graph for one file, and the stage is that graph mapped over the input's files.
+    """
+    if FOR_EACH not in stage.params:
+        return None
+    value = stage.params[FOR_EACH]
+    if not isinstance(value, str) or parse_binding(value) is not None:
+        raise ValueError(
+            f"params key {FOR_EACH!r} is {value!r}; it names one of the stage's `inputs` keys "
+            "(such as 'load.image'), whose files the graph runs over one prompt at a time"
+        )
+    if value not in stage.inputs:
+        known = ", ".join(map(repr, stage.inputs)) or "none"
+        raise ValueError(
+            f"params key {FOR_EACH!r} names {value!r}, which is not one of the stage's `inputs` "
+            f"keys ({known})"
+        )
+    return value
+
+
 def validate_stage(stage: StageSpec) -> None:
     """`ValueError` unless the stage is a runnable ComfyUI stage (checked at publish time)."""
     if stage.template is None:
         raise ValueError("comfyui stages carry their graph in `template` (ComfyUI's API format)")
     template = check_template(stage.template)
     bindings(stage, template)  # every key names one literal node input, once
+    for_each_input(stage)
     for key, value in stage.params.items():
+        if key == FOR_EACH:
+            continue
         binding = parse_binding(value)
         if binding is not None and binding.scope != "settings":
             raise ValueError(
@@ -215,6 +246,8 @@ def bindings(stage: StageSpec, template: dict[str, Any]) -> dict[str, InputSlot]
     owners: dict[InputSlot, str] = {}
     for where, keys in (("params", stage.params), ("inputs", stage.inputs)):
         for key in keys:
+            if where == "params" and key == FOR_EACH:
+                continue  # not a node input: which input the graph is mapped over
             slot = resolve_slot(template, key, where)
             if slot in owners:
                 raise ValueError(
@@ -258,6 +291,8 @@ def build_prompt(
     prompt = copy.deepcopy(template)
     slots = bindings(stage, template)
     for key, value in params.items():
+        if key == FOR_EACH:
+            continue
         if not is_literal(value):
             raise ValueError(
                 f"params key {key!r} resolved to {type(value).__name__} {value!r:.60}; a node "

@@ -53,6 +53,13 @@ class RecipeContext:
             raise PermanentRuntimeError(f"input {name!r} is a set of files, not one file")
         return value
 
+    def files(self, name: str) -> list[StageFile]:
+        """The files bound to input `name`, in order; a single file is a list of one."""
+        value = self.inputs.get(name)
+        if value is None:
+            raise PermanentRuntimeError(f"the stage has no input named {name!r}")
+        return list(value) if isinstance(value, list) else [value]
+
     def param(self, name: str, default: Any = None) -> Any:
         value = self.params.get(name)
         return default if value is None else value
