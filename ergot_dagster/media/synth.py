@@ -42,7 +42,16 @@ def _run(args: list[str]) -> None:
     path = Path(args[-1])
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     result = subprocess.run(
-        [_ffmpeg(), "-hide_banner", "-nostdin", "-y", "-loglevel", "error", *args[:-1], str(partial)],
+        [
+            _ffmpeg(),
+            "-hide_banner",
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            *args[:-1],
+            str(partial),
+        ],
         capture_output=True,
         text=True,
         timeout=_GENERATE_TIMEOUT_S,
