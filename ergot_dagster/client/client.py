@@ -81,6 +81,8 @@ from ergot_dagster.requests.planning import ASSET_JOB, RequestCatalog, RunPlan, 
 from ergot_dagster.sources.record import SOURCE_PARTITIONS_NAME
 
 WILL_RETRY = "dagster/will_retry"
+# How long a failed run may go without saying whether Dagster will retry it (see wait()).
+RETRY_DECISION_GRACE_S = 2.0
 LOCATION = "ergot"
 REPOSITORY = "__repository__"
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -298,15 +300,25 @@ class ErgotClient:
         on to the retry, and returns the last run of the chain.
         """
         deadline = time.monotonic() + timeout_s
+        undecided_until: float | None = None
         while True:
             state = self._state(run_id)
             if state["status"] in TERMINAL_STATUSES:
                 tags = {t["key"]: t["value"] for t in state["tags"]}
+                if state["status"] == "FAILURE" and WILL_RETRY not in tags:
+                    # Dagster marks the run FAILURE and only then writes whether it will retry
+                    # it; on an instance with run retries the tag follows within moments, and on
+                    # one without it never comes, so it is waited for only briefly.
+                    now = time.monotonic()
+                    undecided_until = undecided_until or now + RETRY_DECISION_GRACE_S
+                    if now < undecided_until:
+                        time.sleep(min(poll_s, 0.1))
+                        continue
                 if state["status"] != "FAILURE" or tags.get(WILL_RETRY) != "true":
                     return self.status(run_id)
                 retry = self._retry_of(run_id, tags.get(T.REQUEST_ID))
                 if retry is not None:
-                    run_id = retry
+                    run_id, undecided_until = retry, None
                     continue
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"run {run_id} is still {state['status']} after {timeout_s:g} s")
