@@ -165,8 +165,9 @@ def _expand(root: Path, paths: tuple[str, ...]) -> tuple[list[str], list[tuple[s
 @click.argument("paths", nargs=-1, required=True)
 def ingest(root: str | None, as_json: bool, paths: tuple[str, ...]) -> None:
     """Record files (or folders of files) under the ingest root as source media."""
+    from ergot_dagster.refs import ref_to_partition_key
     from ergot_dagster.sources.ingest import ingest_refs
-    from ergot_dagster.sources.record import latest_source_record, record_sources
+    from ergot_dagster.sources.record import SourceRecordLookup, record_sources
 
     settings = ErgotSettings.from_env()
     location = root or settings.ingest_root
@@ -191,8 +192,20 @@ def ingest(root: str | None, as_json: bool, paths: tuple[str, ...]) -> None:
         refs, errors = _expand(root_path, paths)
         root_label = str(root_path.resolve())
     instance = _instance(settings)
-    outcomes = ingest_refs(source_root, refs, lambda key: latest_source_record(instance, key))
-    record_sources(instance, [o.record for o in outcomes if o.recorded and o.record])
+    keys = []
+    for ref in refs:
+        try:
+            keys.append(ref_to_partition_key(ref))
+        except InvalidRefError:
+            continue  # ingest_refs refuses it with the reason
+    # Previous records are read a chunk at a time, and new ones written in batches while the
+    # files after them are hashed and probed: no transaction per file.
+    outcomes = ingest_refs(
+        source_root,
+        refs,
+        SourceRecordLookup(instance, keys),
+        record=lambda records: record_sources(instance, records),
+    )
     refused = [(o.ref, o.error or "") for o in outcomes if o.status == "refused"] + errors
     if as_json:
         _emit_json(

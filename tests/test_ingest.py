@@ -16,11 +16,14 @@ from ergot_dagster.media.synth import make_audio, make_clip, make_image
 from ergot_dagster.refs import ref_to_partition_key
 from ergot_dagster.resources.source_root import SourceRootResource
 from ergot_dagster.sensors.ingest_sensor import ingest_sensor
+from ergot_dagster.sources.ingest import MIN_RECORD_BATCH
 from ergot_dagster.sources.record import (
     SOURCE_KEY,
     SOURCE_PARTITIONS_NAME,
     SourceRecord,
+    SourceRecordLookup,
     latest_source_record,
+    latest_source_records,
     record_sources,
 )
 
@@ -178,3 +181,53 @@ def test_sensor_waits_for_files_to_settle(
     )
     result = ingest_sensor(context)
     assert not result.asset_events
+
+
+def test_folder_ingest_records_each_file_once_across_batches(
+    ingest_root: Path, instance: DagsterInstance
+) -> None:
+    # More files than one record batch, with refused files among them, so that the pipelined
+    # path (probe in a thread, records written in batches) goes through several batches.
+    folder = ingest_root / "many"
+    for index in range(MIN_RECORD_BATCH + 5):
+        make_audio(folder / f"tone_{index:02d}.wav", duration=0.2, tone_hz=300.0 + 10 * index)
+    (folder / "tone_03b.wav").write_bytes(os.urandom(2048))
+    (folder / "tone_17b.wav").write_text("not media")
+    good = sorted(p for p in folder.iterdir() if p.stat().st_size > 4096)
+
+    result = CliRunner().invoke(main, ["ingest", "--json", str(folder)])
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert [(i["ref"], i["status"]) for i in out["ingested"]] == [
+        (f"many/{p.name}", "new") for p in good
+    ]
+    assert sorted(r["path"] for r in out["refused"]) == ["many/tone_03b.wav", "many/tone_17b.wav"]
+    assert all("not readable media" in r["error"] for r in out["refused"])
+    keys = [f"many/{p.name}" for p in good]
+    assert sorted(instance.get_dynamic_partitions(SOURCE_PARTITIONS_NAME)) == keys
+
+    lookup = SourceRecordLookup(instance, [*keys, "many/tone_03b.wav", "never/seen.wav"])
+    for path in good:
+        ref = f"many/{path.name}"
+        stored = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=SOURCE_KEY, asset_partitions=[ref]), limit=10
+        ).records
+        assert len(stored) == 1
+        record = latest_source_record(instance, ref)
+        assert record is not None and record.sha256 == _sha(path)
+        assert lookup(ref) == record
+        expected = record.materialization()
+        materialization = stored[0].asset_materialization
+        assert materialization is not None
+        assert materialization.metadata == expected.metadata
+        assert materialization.tags == expected.tags
+    assert lookup("many/tone_03b.wav") is None and lookup("never/seen.wav") is None
+
+    make_audio(good[-1], duration=0.3, tone_hz=1234.0)
+    again = json.loads(CliRunner().invoke(main, ["ingest", "--json", str(folder)]).stdout)
+    statuses = {i["ref"]: i["status"] for i in again["ingested"]}
+    assert statuses.pop(f"many/{good[-1].name}") == "changed"
+    assert set(statuses.values()) == {"unchanged"}
+    assert _materializations(instance, f"many/{good[0].name}") == 1
+    assert _materializations(instance, f"many/{good[-1].name}") == 2
+    assert latest_source_records(instance, keys)[f"many/{good[-1].name}"].sha256 == _sha(good[-1])

@@ -18,9 +18,16 @@ import psycopg2
 import pytest
 from dagster import DagsterInstance
 
-from ergot_dagster.media.synth import make_clip
+from ergot_dagster.media.synth import make_audio, make_clip
 from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
-from ergot_dagster.sources.record import latest_source_record
+from ergot_dagster.sources.ingest import ingest_refs
+from ergot_dagster.sources.record import (
+    SOURCE_KEY,
+    SourceRecordLookup,
+    latest_source_record,
+    latest_source_records,
+    record_sources,
+)
 from tests.conftest import subprocess_env
 from tests.support import fresh_database
 
@@ -74,3 +81,35 @@ def test_ingest_and_run_on_postgres(
         assert cur.fetchone() == (1,)
     lineage = ergot("lineage", f"artifact:{run_id}/report")
     assert lineage.returncode == 0 and "[current]" in lineage.stdout
+
+
+def test_a_folder_is_recorded_in_one_batch_on_postgres(
+    plane_settings: ErgotSettings, ingest_root: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL's event storage writes a batch in one statement, unlike SQLite's: each file
+    # still gets its own materialization, with its own record, as its partition's latest.
+    (plane_settings.dagster_home / "dagster.yaml").write_text(
+        (PROJECT_ROOT / "deploy" / "dagster.postgres.yaml").read_text()
+    )
+    monkeypatch.setenv("ERGOT_PG_URL", pg_url)
+    for index in range(5):
+        make_audio(ingest_root / "pg" / f"tone {index}.wav", duration=0.2, tone_hz=500.0 + index)
+    refs = [f"pg/tone {index}.wav" for index in range(5)]
+    with DagsterInstance.from_config(str(plane_settings.dagster_home)) as instance:
+        outcomes = ingest_refs(
+            ingest_root,
+            refs,
+            SourceRecordLookup(instance, refs),
+            record=lambda records: record_sources(instance, records),
+        )
+        assert [o.status for o in outcomes] == ["new"] * 5
+        assert set(instance.get_materialized_partitions(SOURCE_KEY)) == set(refs)
+        latest = latest_source_records(instance, refs)
+        for outcome in outcomes:
+            assert latest[outcome.ref] == outcome.record
+            assert latest_source_record(instance, outcome.ref) == outcome.record
+    with psycopg2.connect(pg_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
+        )
+        assert cur.fetchone() == (5,)
