@@ -50,6 +50,7 @@ from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.model import StageSpec
 from ergot_dagster.workflows.run_config import run_config_for
+from tests.servers.comfyui_server import ComfyUILoopbackServer
 
 LOG = logging.getLogger("test.sparse")
 
@@ -631,3 +632,50 @@ def test_a_blank_capture_fails_with_how_many_images_registered(
     message = _failure(result)
     assert "only 0 of 6 images registered; at least 3 are needed" in message, message
     assert plane.manifests(result) == {}
+
+
+def test_the_family_chains_sampling_matting_and_reconstruction_by_default(
+    plane_settings: ErgotSettings,
+    instance: DagsterInstance,
+    ingest_root: Path,
+    scene: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """capture -> frame_sampling -> image_set_prep (loopback ComfyUI) -> sparse_reconstruction,
+    each step reading the one before it through the asset graph, with no input named."""
+    with ComfyUILoopbackServer(step_seconds=0.01) as comfyui:
+        # The root targets' comfyui-local, pointed at the loopback as a deployment would.
+        monkeypatch.setenv("ERGOT_TARGET_COMFYUI_LOCAL_ENDPOINT", comfyui.url)
+        chain = Plane(ErgotSettings.from_env(), instance)
+        ref = "orbit/take_02.mp4"
+        (ingest_root / "orbit").mkdir()
+        (ingest_root / ref).write_bytes(scene["capture"].read_bytes())
+        source_sha = chain.ingest(ingest_root, ref)
+
+        sampled = chain.run("frame_sampling", ref, {"count": VIEWS, "width": WIDTH}, None)
+        assert sampled.success
+        frames = chain.manifests(sampled)["frames"]
+        # Threshold 0 keeps every pixel that differs from the border at all: the loopback's
+        # matte is a colour key, which on a textured wall would punch holes at random.
+        prepared = chain.run("image_set_prep", ref, {"threshold": 0.0, "width": WIDTH}, None)
+        assert prepared.success, _failure(prepared)
+        images = chain.manifests(prepared)["images"]
+        result = chain.run("sparse_reconstruction", ref, {}, None)
+        assert result.success, _failure(result)
+
+    assert images.kind == "set" and len(images.members) == VIEWS
+    assert all(m.media_type == "image/png" for m in images.members)
+    cameras = chain.manifests(result)["cameras"]
+    # Lineage walks back step by step to the ingested capture.
+    assert [(p.kind, p.ref, p.input) for p in cameras.parents] == [
+        ("artifact", images.ref, "images")
+    ]
+    assert [(p.kind, p.ref, p.input) for p in images.parents] == [
+        ("artifact", frames.ref, "frames")
+    ]
+    assert [(p.kind, p.ref, p.sha256) for p in frames.parents] == [("source", ref, source_sha)]
+    doc = json.loads(chain.path(cameras).read_text())
+    check_document(doc, images=VIEWS, min_registered=VIEWS - 1)
+    members = {number: m.sha256 for number, m in enumerate(images.members, start=1)}
+    for image in doc["images"]:
+        assert image["sha256"] == members[image["index"]]
