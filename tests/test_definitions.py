@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, materialize
@@ -10,7 +12,7 @@ from ergot_dagster.assets.source import ergot_source
 from ergot_dagster.definitions import build_definitions
 from ergot_dagster.media.synth import make_clip
 from ergot_dagster.resources.source_root import SourceRootResource
-from ergot_dagster.settings import ErgotSettings
+from ergot_dagster.settings import PROJECT_ROOT, ErgotSettings
 from ergot_dagster.sources.ingest import ingest_refs
 from ergot_dagster.sources.record import (
     SOURCE_KEY,
@@ -19,6 +21,7 @@ from ergot_dagster.sources.record import (
 )
 from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
+from tests.conftest import subprocess_env
 
 
 def test_asset_graph_from_workflow_definitions(plane_settings: ErgotSettings) -> None:
@@ -94,3 +97,20 @@ def test_materializing_a_source_partition_records_it_again(
     assert result.success
     record = latest_source_record(instance, "a.mp4")
     assert record is not None and record.probe.duration_s and record.probe.duration_s > 1.5
+
+
+def test_loading_the_code_location_leaves_adapter_libraries_unloaded(
+    plane_settings: ErgotSettings,
+) -> None:
+    # Every run worker loads the code location; a run that uses no face, voice or reconstruction
+    # stage should not import numpy, Pillow or pycolmap on the way (they load where used).
+    env = {**subprocess_env(plane_settings), "PYTHONPATH": str(PROJECT_ROOT)}
+    probe = (
+        "import sys, ergot_dagster.definitions; "
+        "print(sorted(m for m in ('numpy', 'PIL', 'pycolmap', 'boto3') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

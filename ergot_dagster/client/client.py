@@ -28,7 +28,7 @@ from ergot_dagster.artifacts.lineage import LineageNode, walk
 from ergot_dagster.artifacts.manifest import ArtifactManifest
 from ergot_dagster.assets.library import LIBRARY_KEY, LIBRARY_OP, LIBRARY_PARTITIONS_NAME
 from ergot_dagster.client import queries as Q
-from ergot_dagster.client.catalog import GraphQLCatalog
+from ergot_dagster.client.catalog import GraphQLCatalog, _manifest_with_ref
 from ergot_dagster.client.errors import (
     ArtifactIntegrityError,
     ArtifactUnreachableError,
@@ -69,6 +69,7 @@ from ergot_dagster.errors import (
 )
 from ergot_dagster.orchestration import tags as T
 from ergot_dagster.refs import (
+    ARTIFACT_REF_PREFIX,
     LIBRARY_REF_PREFIX,
     InvalidRefError,
     is_library_ref,
@@ -457,12 +458,24 @@ class ErgotClient:
 
     def artifacts(self, run_id: str) -> list[ArtifactManifest]:
         """The manifests of every artifact the run stored or reused, in the run's order."""
-        status = self.status(run_id)
-        return [
-            self.manifest(outcome.ref)
-            for outcome in status.artifacts
-            if outcome.ref and outcome.status in ("materialized", "reused")
-        ]
+        run = self._run(run_id)
+        if run is None:
+            raise UnknownRunError(f"unknown run {run_id!r}")
+        status = self._status_of(run)
+        manifests = []
+        for outcome in status.artifacts:
+            if not outcome.ref or outcome.status not in ("materialized", "reused"):
+                continue
+            # The run just read carries the manifests of the artifacts it stored: the plane's
+            # catalog would read the same run again for each one. An artifact of another run
+            # (reused), one recorded by the run that retried this one, or a catalog of the
+            # consumer's own goes the usual way.
+            found = None
+            own = outcome.ref.startswith(f"{ARTIFACT_REF_PREFIX}{run_id}/")
+            if self._catalog is self._plane and own:
+                found = _manifest_with_ref(run.get("assetMaterializations") or [], outcome.ref)
+            manifests.append(found or self.manifest(outcome.ref))
+        return manifests
 
     @contextmanager
     def open_artifact(self, ref: str, member: str | None = None) -> Iterator[IO[bytes]]:

@@ -30,14 +30,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError
 
 from ergot_dagster.errors import PermanentRuntimeError, RuntimeFailure, TransientRuntimeError
 from ergot_dagster.media.process import stderr_tail
-from ergot_dagster.resources.face_embedding import engine as local_engine
-from ergot_dagster.resources.face_embedding.frames import PreparedInput, prepare
 from ergot_dagster.resources.face_embedding.model import (
     OPERATION,
     EmbedAnswer,
@@ -45,7 +43,6 @@ from ergot_dagster.resources.face_embedding.model import (
     parse_params,
     problems,
 )
-from ergot_dagster.resources.face_embedding.outputs import write_outputs
 from ergot_dagster.resources.face_embedding.wire import (
     HEALTH_PATH,
     EmbedSession,
@@ -55,7 +52,6 @@ from ergot_dagster.resources.face_embedding.wire import (
     scrub,
     secrets_of,
 )
-from ergot_dagster.resources.face_embedding.worker import ERROR_PREFIX, WorkerFrame, WorkerJob
 from ergot_dagster.resources.ffmpeg.recipe import ffmpeg_available
 from ergot_dagster.resources.runtime import (
     DeadlinePassed,
@@ -69,6 +65,11 @@ from ergot_dagster.resources.runtime import (
 )
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
+
+# numpy and Pillow (frames, outputs, worker, engine) are imported where a face job needs them: a
+# run of another workflow loads this module with the code location and should not pay for them.
+if TYPE_CHECKING:
+    from ergot_dagster.resources.face_embedding.frames import PreparedInput
 
 WORKER_MODULE = "ergot_dagster.resources.face_embedding.worker"
 INPUT_NAME = "media"
@@ -158,6 +159,8 @@ class FaceEmbeddingRuntime(JobRuntime):
         binary = ffmpeg_available(self.ffmpeg_path)
         if binary is None and not media.media_type.startswith("image/"):
             raise PermanentRuntimeError(f"ffmpeg binary {self.ffmpeg_path!r} is not installed")
+        from ergot_dagster.resources.face_embedding.frames import prepare
+
         prepared = prepare(
             media,
             params,
@@ -194,6 +197,8 @@ class FaceEmbeddingRuntime(JobRuntime):
         max_faces: int,
         state: dict[str, Any],
     ) -> str:
+        from ergot_dagster.resources.face_embedding.worker import WorkerFrame, WorkerJob
+
         workdir = request.workdir
         params = state["params"]
         job = WorkerJob(
@@ -315,6 +320,8 @@ class FaceEmbeddingRuntime(JobRuntime):
     def fetch_outputs(
         self, request: StageRequest, job: RuntimeJob, log: logging.Logger
     ) -> StageResult:
+        from ergot_dagster.resources.face_embedding.outputs import write_outputs
+
         prepared: PreparedInput = job.state["prepared"]
         if job.state["mode"] == "local":
             answers, engine_info = self._local_answers(job)
@@ -354,6 +361,8 @@ class FaceEmbeddingRuntime(JobRuntime):
         )
 
     def _local_answers(self, job: RuntimeJob) -> tuple[list[EmbedAnswer], dict[str, Any]]:
+        from ergot_dagster.resources.face_embedding.worker import ERROR_PREFIX
+
         proc: subprocess.Popen[bytes] = job.state["proc"]
         pid = proc.pid
         job_id = job.job_id
@@ -438,6 +447,8 @@ class FaceEmbeddingRuntime(JobRuntime):
 
         No model is loaded (that takes seconds and a health probe does no work).
         """
+        from ergot_dagster.resources.face_embedding import engine as local_engine
+
         started = time.monotonic()
         try:
             options = _local_options(target)

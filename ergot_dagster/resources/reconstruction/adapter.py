@@ -35,9 +35,7 @@ from ergot_dagster.resources.reconstruction.model import (
     parse_params,
     problems,
 )
-from ergot_dagster.resources.reconstruction.ply import PlyError, vertex_count
 from ergot_dagster.resources.reconstruction.process import WorkerProcess
-from ergot_dagster.resources.reconstruction.worker import ERROR_PREFIX
 from ergot_dagster.resources.runtime import (
     DeadlinePassed,
     HealthReport,
@@ -51,6 +49,8 @@ from ergot_dagster.resources.runtime import (
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
 
+# `ply` and `worker` (numpy, Pillow) are imported where a reconstruction needs them: a run of
+# another workflow loads this module with the code location and should not pay for them.
 WORKER_MODULE = "ergot_dagster.resources.reconstruction.worker"
 WHAT = "the reconstruction worker"
 
@@ -182,6 +182,9 @@ class ReconstructionRuntime(JobRuntime):
     def fetch_outputs(
         self, request: StageRequest, job: RuntimeJob, log: logging.Logger
     ) -> StageResult:
+        from ergot_dagster.resources.reconstruction.ply import PlyError, vertex_count
+        from ergot_dagster.resources.reconstruction.worker import ERROR_PREFIX
+
         worker: WorkerProcess = job.state["worker"]
         failure = worker.failure(ERROR_PREFIX, job.job_id)
         if failure is not None:

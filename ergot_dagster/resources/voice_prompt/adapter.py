@@ -19,9 +19,8 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ergot_dagster.errors import PermanentRuntimeError, RuntimeTimeoutError
@@ -41,9 +40,13 @@ from ergot_dagster.resources.tts.audio import (
     read_wav_mono16,
     single_input,
 )
-from ergot_dagster.resources.voice_prompt import select
 from ergot_dagster.targets.model import RuntimeTarget
 from ergot_dagster.workflows.model import StageSpec
+
+# numpy (and `select`, which is built on it) is imported where an extraction needs it: a run of
+# another workflow loads this module with the code location and should not pay for it.
+if TYPE_CHECKING:
+    from ergot_dagster.resources.voice_prompt import select
 
 OPERATIONS = ("extract",)
 VAD_RATE = 16000
@@ -89,6 +92,8 @@ class _Deadline:
 
 
 def _vad(target: RuntimeTarget) -> select.Vad:
+    from ergot_dagster.resources.voice_prompt import select
+
     name = str(target.options.get("vad") or "silero")
     try:
         if name == "silero":
@@ -125,6 +130,8 @@ def _finite(doc: dict[str, Any], key: str) -> float | None:
         value = float(doc[key])
     except (KeyError, ValueError):
         return None
+    import numpy as np
+
     return value if np.isfinite(value) else None
 
 
@@ -154,6 +161,10 @@ class VoicePromptRuntime(RuntimeAdapter):
             )
 
     def run_stage(self, request: StageRequest, log: logging.Logger) -> StageResult:
+        import numpy as np
+
+        from ergot_dagster.resources.voice_prompt import select
+
         stage = request.stage
         target = request.target
         if stage.operation not in OPERATIONS:
