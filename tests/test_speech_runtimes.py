@@ -495,9 +495,15 @@ def test_cancelling_stops_the_local_engine_process(
         os.kill(os.getpid(), signal.SIGINT)
 
     interrupter = threading.Thread(target=interrupt_once_running, daemon=True)
-    interrupter.start()
-    with pytest.raises(KeyboardInterrupt):
-        adapter.run_stage(stage, LOG)
+    # Python's own SIGINT handler, whatever an earlier in-process Dagster run left installed
+    # (its interrupt capture turns SIGINT into a flag while a run iterator is alive).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            adapter.run_stage(stage, LOG)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     interrupter.join(timeout=5)
     assert seen, "the engine was running when the run was cancelled"
     until("the engine process to be gone", lambda: not engine_processes(marker), timeout_s=30)
