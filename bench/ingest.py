@@ -110,6 +110,9 @@ def run(
     fraction = bare / plane
     verdict = "met" if fraction >= TARGET_FRACTION else "missed"
     ingest_rss = sampler.peaks.get("other", 0) / 2**20
+    # The plane can beat the bare script: it probes one file while it hashes the next.
+    delta_ms = (plane - bare) / files * 1000
+    per_file = f"adds {delta_ms:.0f} ms" if delta_ms >= 0 else f"takes {-delta_ms:.0f} ms less"
     body = f"""
 {files} clips of {duration_s:g} s at {size} ({total_mb:.0f} MB), {repeats} repetitions of each
 side, alternating, page cache warm. The plane's side is one `ergot ingest --json DIR` process into
@@ -122,8 +125,7 @@ a fresh instance (SQLite), its Python start-up included; the bare side is one ba
 | plane: `ergot ingest` | {plane:.2f} s | {files / plane:.1f} | {total_mb / plane:.1f} | {", ".join(f"{t:.2f}" for t in plane_times)} s |
 
 **The plane ingests at {100 * fraction:.0f} % of the bare tools' throughput** (target ≥
-{100 * TARGET_FRACTION:.0f} %: **{verdict}**); it adds {(plane - bare) / files * 1000:.0f} ms per
-file.
+{100 * TARGET_FRACTION:.0f} %: **{verdict}**); it {per_file} per file.
 
 Peak RSS: `ergot ingest` {ingest_rss:.0f} MiB (no daemon, webserver or run worker takes part).
 """  # noqa: E501
