@@ -222,6 +222,8 @@ def test_folder_ingest_records_each_file_once_across_batches(
         assert materialization.metadata == expected.metadata
         assert materialization.tags == expected.tags
     assert lookup("many/tone_03b.wav") is None and lookup("never/seen.wav") is None
+    # Asked again (a caller that repeats a ref), a key is read afresh rather than answered None.
+    assert lookup(f"many/{good[0].name}") == latest_source_record(instance, f"many/{good[0].name}")
 
     make_audio(good[-1], duration=0.3, tone_hz=1234.0)
     again = json.loads(CliRunner().invoke(main, ["ingest", "--json", str(folder)]).stdout)

@@ -136,7 +136,8 @@ class SourceRecordLookup:
     """`latest_source_record` for the refs of one ingest, read a chunk of keys at a time.
 
     Given the partition keys in the order they will be asked for, a miss reads the records of
-    that key and the `LOOKUP_CHUNK` - 1 after it in one go; a key it was not given is read alone.
+    that key and the `LOOKUP_CHUNK` - 1 after it in one go; a key it was not given, or asked for
+    a second time (its record may have been written since), is read alone.
     """
 
     def __init__(self, instance: DagsterInstance, partition_keys: Iterable[str]) -> None:
@@ -144,9 +145,13 @@ class SourceRecordLookup:
         self._keys = list(dict.fromkeys(partition_keys))
         self._position = {key: index for index, key in enumerate(self._keys)}
         self._read: set[str] = set()
+        self._answered: set[str] = set()
         self._records: dict[str, SourceRecord] = {}
 
     def __call__(self, partition_key: str) -> SourceRecord | None:
+        if partition_key in self._answered:
+            return latest_source_record(self._instance, partition_key)
+        self._answered.add(partition_key)
         if partition_key not in self._read:
             at = self._position.get(partition_key)
             if at is None:
