@@ -37,8 +37,8 @@ Status = Literal["new", "changed", "unchanged", "refused"]
 # Files hashed and waiting for ffprobe at most: enough to keep ffprobe busy while the next file is
 # looked up and hashed, few enough that a file is probed soon after it is hashed.
 PROBE_AHEAD = 2
-# Records handed to the instance at once at least (all that are waiting if the last write is still
-# going): a write per batch instead of per file, and the last batch small enough to end quickly.
+# New records go to the instance once this many are waiting and the previous write is done (more
+# gather while it is not): a write per batch instead of per file, and a short last write.
 MIN_RECORD_BATCH = 16
 
 
