@@ -19,7 +19,7 @@ from ergot_dagster.sensors.health_sensor import runtime_health
 from ergot_dagster.sensors.ingest_sensor import ingest_sensor
 from ergot_dagster.sensors.request_inbox import request_inbox
 from ergot_dagster.settings import ErgotSettings
-from ergot_dagster.targets.config import cached_targets
+from ergot_dagster.targets.config import load_targets
 from ergot_dagster.workflows.loader import load_registry
 from ergot_dagster.workflows.registry import WorkflowRegistry
 
@@ -28,9 +28,7 @@ def build_definitions(settings: ErgotSettings | None = None) -> Definitions:
     """Build the Definitions for the given settings (the environment's by default)."""
     settings = settings or ErgotSettings.from_env()
     registry: WorkflowRegistry = load_registry(settings.workflow_defs)
-    # The cached copy is the one the runtime targets resources read in the run, so a run worker
-    # parses the targets file once, not once here and again in its step.
-    targets = cached_targets(settings.runtime_targets)
+    targets = load_targets(settings.runtime_targets)
     return Definitions(
         assets=[*build_assets(registry), *target_specs(targets)],
         asset_checks=build_target_checks(targets),
