@@ -16,21 +16,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from ergot_dagster.resources.reconstruction.model import WorkerJob
 from ergot_dagster.resources.reconstruction.prepare import PrepareError, prepare_images
+from ergot_dagster.resources.worker_cli import WorkerFailure, run_job_file
 
 ERROR_PREFIX = "ergot-sparse-error: "
-EXIT_ERROR = 2
-
-
-class WorkerFailure(Exception):
-    """A failure to report to the adapter; `permanent` says whether trying again could help."""
-
-    def __init__(self, message: str, *, permanent: bool = True) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 def report(fraction: float, message: str) -> None:
@@ -96,24 +87,13 @@ def run(job: WorkerJob) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job file named on the command line; the exit status says how it went."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(
-            f"usage: python -m {__spec__.name if __spec__ else 'worker'} JOB.json", file=sys.stderr
-        )
-        return EXIT_ERROR
-    try:
-        try:
-            job = WorkerJob.model_validate_json(Path(args[0]).read_bytes())
-        except (OSError, ValueError) as exc:
-            # The adapter wrote the job, so this is a bug rather than bad input: not retryable.
-            raise WorkerFailure(f"the worker job cannot be read: {exc}") from exc
-        run(job)
-    except WorkerFailure as exc:
-        failure = {"message": str(exc), "permanent": exc.permanent}
-        print(ERROR_PREFIX + json.dumps(failure), file=sys.stderr, flush=True)
-        return EXIT_ERROR
-    return 0
+    return run_job_file(
+        sys.argv[1:] if argv is None else argv,
+        WorkerJob,
+        run,
+        error_prefix=ERROR_PREFIX,
+        prog=__spec__.name if __spec__ else "worker",
+    )
 
 
 if __name__ == "__main__":
