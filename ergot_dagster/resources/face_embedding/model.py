@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ergot_dagster.errors import PermanentRuntimeError
+from ergot_dagster.resources.stage_params import no_bool_or_text
 
 OPERATION = "embed_faces"
 FACES_FORMAT = "ergot.faces/1"
@@ -21,14 +22,6 @@ FACES_FORMAT = "ergot.faces/1"
 MAX_DIMS = 8192
 MAX_FACES_PER_ANSWER = 1000
 MAX_LANDMARK_POINTS = 1000
-
-
-def _no_bool_or_text(value: Any) -> Any:
-    # Lax pydantic would read `true` as 1 and "40" as 40; a param that is a bool or a string is a
-    # mistake in the workflow, not a number.
-    if isinstance(value, bool | str):
-        raise ValueError(f"must be a number, not {value!r}")
-    return value
 
 
 class FaceParams(BaseModel):
@@ -57,7 +50,7 @@ class FaceParams(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _numbers(cls, value: Any) -> Any:
-        return _no_bool_or_text(value)
+        return no_bool_or_text(value)
 
 
 class LocalOptions(BaseModel):
@@ -82,7 +75,7 @@ class LocalOptions(BaseModel):
     @field_validator("upsample", "min_score", "jitters", mode="before")
     @classmethod
     def _numbers(cls, value: Any) -> Any:
-        return _no_bool_or_text(value)
+        return no_bool_or_text(value)
 
 
 class RemoteOptions(BaseModel):
@@ -153,7 +146,7 @@ class WireFace(BaseModel):
     @field_validator("score", mode="before")
     @classmethod
     def _score(cls, value: Any) -> Any:
-        return _no_bool_or_text(value)
+        return no_bool_or_text(value)
 
     @field_validator("embedding", mode="before")
     @classmethod
@@ -161,7 +154,7 @@ class WireFace(BaseModel):
         # "0.1" or true among the values is a broken answer, not something to coerce.
         if isinstance(value, list):
             for item in value:
-                _no_bool_or_text(item)
+                no_bool_or_text(item)
         return value
 
     @field_validator("landmarks")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ergot_dagster.errors import PermanentRuntimeError
+from ergot_dagster.resources.stage_params import no_bool_or_text
 
 OPERATION = "sparse_reconstruction"
 INPUT_NAME = "images"
@@ -23,14 +24,6 @@ OUTPUT_FILES = {"points": "points.ply", "cameras": "cameras.json", "model": "mod
 # COLMAP's camera models that suit frames of an ordinary (non-fisheye) capture.
 CameraModel = Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"]
 MAX_IMAGES = 2000
-
-
-def _no_bool_or_text(value: Any) -> Any:
-    # Lax pydantic would read `true` as 1 and "40" as 40; a number param that is a bool or a
-    # string is a mistake in the workflow, not a number.
-    if isinstance(value, bool | str):
-        raise ValueError(f"must be a number, not {value!r}")
-    return value
 
 
 class SparseParams(BaseModel):
@@ -72,7 +65,7 @@ class SparseParams(BaseModel):
     )
     @classmethod
     def _numbers(cls, value: Any) -> Any:
-        return _no_bool_or_text(value)
+        return no_bool_or_text(value)
 
     @field_validator("single_camera", mode="before")
     @classmethod
@@ -100,7 +93,7 @@ class LocalOptions(BaseModel):
     @field_validator("threads", "seed", mode="before")
     @classmethod
     def _numbers(cls, value: Any) -> Any:
-        return _no_bool_or_text(value)
+        return no_bool_or_text(value)
 
 
 def problems(exc: ValidationError) -> str:
